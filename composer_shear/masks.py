@@ -1,0 +1,208 @@
+"""Hard-concrete (L0) masks, their Lagrangian constraints, and the mask module attached to a model.
+
+Constants follow Louizos et al. (2018) as used by Sheared-LLaMA: stretch (gamma, zeta) = (-0.1, 1.1),
+temperature 2/3, log-alpha kept in [-ln 100, ln 100], eval masks sharpened by 0.8.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from composer_shear.shapes import ModelShape, embedding_params, layer_params
+
+GAMMA, ZETA = -0.1, 1.1
+BETA = 2.0 / 3.0
+EPS = 1e-6
+LOG_ALPHA_MAX = math.log(100.0)
+SHARPEN = 0.8
+# log(-gamma / zeta): the expected score is sigmoid(log_alpha - BETA * this)
+_LOG_RATIO = math.log(-GAMMA / ZETA)
+
+
+def sample(log_alpha: torch.Tensor) -> torch.Tensor:
+    """One training-time draw of the stretched, rectified hard-concrete gate, in [0, 1]."""
+    u = torch.empty_like(log_alpha).uniform_(EPS, 1 - EPS)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
+    return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+
+def expected_score(log_alpha: torch.Tensor) -> torch.Tensor:
+    """P(gate != 0): the expected L0 contribution of each entry."""
+    p_zero = torch.sigmoid(BETA * _LOG_RATIO - log_alpha).clamp(EPS, 1 - EPS)
+    return 1.0 - p_zero
+
+
+def soft_value(log_alpha: torch.Tensor) -> torch.Tensor:
+    """The value a kept entry takes in a deterministic mask."""
+    return torch.sigmoid(log_alpha / BETA * SHARPEN)
+
+
+def expected_keep(log_alpha: torch.Tensor) -> torch.Tensor:
+    """Per row: how many entries a deterministic mask keeps when no exact target is imposed."""
+    n = log_alpha.shape[-1]
+    zeros = torch.round(n - expected_score(log_alpha).sum(-1))
+    return (n - zeros).long().clamp(0, n)
+
+
+def deterministic(log_alpha: torch.Tensor, keep) -> torch.Tensor:
+    """Keep exactly `keep` entries per row (an int or a tensor over rows): the largest log-alpha,
+    ties broken by lower index; kept entries hold their soft value, the rest are 0."""
+    order = torch.sort(log_alpha.detach(), dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    keep = torch.as_tensor(keep, device=log_alpha.device)
+    if keep.dim() < rank.dim():
+        keep = keep.unsqueeze(-1)
+    return torch.where(rank < keep, soft_value(log_alpha), torch.zeros_like(log_alpha))
+
+
+@dataclass(frozen=True)
+class Structure:
+    """One prunable structure: `rows` independent rows of `size` entries, `target` kept per row."""
+    name: str
+    rows: int  # 0 means a single 1-D row (layer, hidden)
+    size: int
+    target: int
+
+    @property
+    def shape(self):
+        return (self.rows, self.size) if self.rows else (self.size,)
+
+    @property
+    def target_sparsity(self) -> float:
+        return 1.0 - self.target / self.size
+
+
+def structures_for(source: ModelShape, target: ModelShape, modules) -> list[Structure]:
+    """The masks a pruning run needs, in a fixed order."""
+    L = source.num_hidden_layers
+    out = []
+    if 'layer' in modules:
+        out.append(Structure('layer', 0, L, target.num_hidden_layers))
+    if 'hidden' in modules:
+        out.append(Structure('hidden', 0, source.hidden_size, target.hidden_size))
+    if 'head' in modules:
+        out.append(Structure('kv', L, source.num_key_value_heads, target.num_key_value_heads))
+        if source.queries_per_group > 1:
+            out.append(Structure('query', L, source.queries_per_group, target.queries_per_group))
+    if 'intermediate' in modules:
+        out.append(Structure('intermediate', L, source.intermediate_size, target.intermediate_size))
+    return out
+
+
+class ShearMasks(nn.Module):
+    """All mask logits (log alpha) and Lagrange multipliers of a pruning run.
+
+    The target shape is a persistent buffer, so a checkpoint's model weights alone are enough to export.
+    Every parameter is read through `forward`, so FSDP can shard this module like any other.
+    """
+
+    def __init__(self, source: ModelShape, target: ModelShape, modules, init_log_alpha: float = LOG_ALPHA_MAX,
+                 init_noise: float = 0.0, seed: int = 0):
+        super().__init__()
+        self.source, self.target = source, target
+        self.structures = structures_for(source, target, modules)
+        gen = torch.Generator().manual_seed(seed)
+        self.log_alpha = nn.ParameterDict()
+        for s in self.structures:
+            value = torch.full(s.shape, float(init_log_alpha))
+            if init_noise:
+                value += init_noise * torch.randn(s.shape, generator=gen)
+            self.log_alpha[s.name] = nn.Parameter(value.clamp(-LOG_ALPHA_MAX, LOG_ALPHA_MAX))
+        # lambdas[i] = (lambda_1, lambda_2) of structure i
+        self.lambdas = nn.Parameter(torch.zeros(len(self.structures), 2))
+        self.register_buffer('target_shape', target_buffer(target))
+
+    def snapshot(self) -> 'MaskSnapshot':
+        """Full (unsharded), detached CPU copies of everything, with the exact-target masks."""
+        return self('snapshot')
+
+    def forward(self, mode: str = 'sample', progress: float | None = None):
+        """mode: 'sample' (training draw), 'expected' (keep round(expected) per row),
+        'target' (keep exactly the target per row), 'snapshot' (a MaskSnapshot). With `progress` in [0, 1]
+        (the Lagrangian warm-up), also returns the Lagrangian and detached statistics."""
+        log_alpha = {s.name: self.log_alpha[s.name].float() for s in self.structures}
+        if mode == 'snapshot':
+            cpu = lambda t: t.detach().float().cpu().contiguous()  # noqa: E731
+            return MaskSnapshot(
+                self.source, self.target, {k: cpu(v) for k, v in log_alpha.items()}, cpu(self.lambdas),
+                {s.name: cpu(deterministic(log_alpha[s.name], s.target)) for s in self.structures})
+        if mode == 'sample':
+            z = {k: sample(v) for k, v in log_alpha.items()}
+        elif mode == 'expected':
+            z = {k: deterministic(v, expected_keep(v)) for k, v in log_alpha.items()}
+        elif mode == 'target':
+            z = {s.name: deterministic(log_alpha[s.name], s.target) for s in self.structures}
+        else:
+            raise ValueError(f'unknown mask mode {mode!r}')
+        if progress is None:
+            return z, None, None
+        lambdas = self.lambdas.float()
+        lag = lambdas.new_zeros(())
+        stats = {}
+        scores = {k: expected_score(v) for k, v in log_alpha.items()}
+        for i, s in enumerate(self.structures):
+            sparsity = 1.0 - scores[s.name].sum(-1) / s.size
+            goal = s.target_sparsity * min(max(progress, 0.0), 1.0)
+            gap = sparsity - goal
+            lag = lag + (lambdas[i, 0] * gap + lambdas[i, 1] * gap * gap).mean()
+            stats[f'lambda_1/{s.name}'] = lambdas[i, 0].detach()
+            stats[f'lambda_2/{s.name}'] = lambdas[i, 1].detach()
+            stats[f'target_sparsity/{s.name}'] = goal
+            stats[f'expected_sparsity/{s.name}'] = sparsity.detach().mean()
+        stats.update(expected_shape(self.source, {k: v.detach() for k, v in scores.items()}))
+        return z, lag, stats
+
+
+@dataclass
+class MaskSnapshot:
+    source: ModelShape
+    target: ModelShape
+    log_alpha: dict = field(default_factory=dict)
+    lambdas: torch.Tensor | None = None
+    z: dict = field(default_factory=dict)  # exact-target deterministic masks
+
+
+_TARGET_ORDER = ('num_hidden_layers', 'hidden_size', 'num_attention_heads', 'num_key_value_heads',
+                 'intermediate_size')
+
+
+def target_buffer(target: ModelShape) -> torch.Tensor:
+    return torch.tensor([target.target_dict()[k] for k in _TARGET_ORDER])
+
+
+def target_from_buffer(source: ModelShape, buffer: torch.Tensor) -> ModelShape:
+    return source.replace(**dict(zip(_TARGET_ORDER, (int(v) for v in buffer.tolist()))))
+
+
+def expected_shape(source: ModelShape, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Expected sizes and parameter count, from per-entry keep probabilities (or 0/1 keep indicators).
+    Missing structures count as fully kept."""
+    L, Q = source.num_hidden_layers, source.queries_per_group
+    device = next(iter(scores.values())).device if scores else None
+
+    def row_sums(name, n):
+        return scores[name].sum(-1) if name in scores else torch.full((L,), float(n), device=device)
+
+    layer = scores['layer'] if 'layer' in scores else torch.ones(L, device=device)
+    hidden = scores['hidden'].sum() if 'hidden' in scores else torch.tensor(float(source.hidden_size), device=device)
+    kv = row_sums('kv', source.num_key_value_heads)
+    query = row_sums('query', Q)
+    inter = row_sums('intermediate', source.intermediate_size)
+    heads = kv * query
+    params = (layer * layer_params(hidden, kv, heads, source.head_dim, inter, source.qkv_bias, source.o_bias,
+                                   source.mlp_bias)).sum()
+    params = params + embedding_params(hidden, source.vocab_size, source.tie_word_embeddings)
+    kept = layer.sum().clamp(min=1e-12)
+    return {
+        'expected/num_hidden_layers': layer.sum(),
+        'expected/hidden_size': hidden,
+        'expected/num_attention_heads': (layer * heads).sum() / kept,
+        'expected/num_key_value_heads': (layer * kv).sum() / kept,
+        'expected/intermediate_size': (layer * inter).sum() / kept,
+        'expected/num_params': params,
+    }
