@@ -42,3 +42,25 @@ def random_masks(config, target, modules, seed=0, low=-3.0, high=3.0):
         for p in masks.log_alpha.values():
             p.copy_(torch.empty(p.shape).uniform_(low, high, generator=gen))
     return masks
+
+
+def tiny_tokenizer(vocab_size=96):
+    """A character-level tokenizer with `vocab_size` ids (0: <unk>, 1: <s>, 2: </s>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+    chars = [chr(c) for c in range(32, 127)][: vocab_size - 3]
+    vocab = {'<unk>': 0, '<s>': 1, '</s>': 2} | {c: i + 3 for i, c in enumerate(chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
+    tok.pre_tokenizer = pre_tokenizers.Split('', behavior='isolated')
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token='<unk>', bos_token='<s>', eos_token='</s>',
+                                   pad_token='</s>', model_input_names=['input_ids', 'attention_mask'])
+
+
+def save_tiny(folder, kind='gqa', tied=False, attn='sdpa', **kw):
+    """Write a tiny random model and its tokenizer as an HF folder."""
+    config = llama_config(kind, tied=tied, **kw)
+    model = tiny_model(config, attn=attn)
+    model.save_pretrained(folder)
+    tiny_tokenizer(config.vocab_size).save_pretrained(folder)
+    return folder

@@ -1,0 +1,89 @@
+"""Prune a tiny model with Composer's Trainer. Run in-process (`run(...)`) or with the launcher:
+`composer -n 2 tests/train_tiny.py OUT_DIR [key=value ...]` (FSDP2 with FSDP_VERSION=2 and fsdp=1)."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from composer import Evaluator, Trainer
+from composer.optim import CosineAnnealingScheduler, DecoupledAdamW
+from composer.utils import dist
+from llmfoundry.models.hf import ComposerHFCausalLM
+from torch.utils.data import DataLoader, Dataset
+from transformers import AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import save_tiny  # noqa: E402
+
+from composer_shear.algorithm import ShearPruning  # noqa: E402
+from composer_shear.callbacks import PruningMonitor  # noqa: E402
+
+TARGET = dict(num_hidden_layers=3, hidden_size=48, num_attention_heads=4, num_key_value_heads=1,
+              intermediate_size=40)
+
+
+class Tokens(Dataset):
+    """Deterministic token sequences with structure (each row an arithmetic progression mod vocab)."""
+
+    def __init__(self, n, seq, vocab, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        start = torch.randint(3, vocab, (n, 1), generator=g)
+        step = torch.randint(1, 5, (n, 1), generator=g)
+        self.ids = 3 + (start + step * torch.arange(seq)) % (vocab - 3)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        ids = self.ids[i]
+        return {'input_ids': ids, 'attention_mask': torch.ones_like(ids), 'labels': ids.clone()}
+
+
+def loader(ds, batch):
+    return DataLoader(ds, batch_size=batch, sampler=dist.get_sampler(ds, shuffle=False), drop_last=True)
+
+
+def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_interval='40ba', autoresume=False,
+        model_dir=None, load_path=None, batch=4, target=None, modules=None, eval_interval='40ba', schedule='cosine'):
+    out = Path(out)
+    if model_dir is None:
+        model_dir = out / 'source'
+        if dist.get_local_rank() == 0 and not (model_dir / 'config.json').exists():
+            save_tiny(model_dir)
+        dist.barrier()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = ComposerHFCausalLM(tok, pretrained_model_name_or_path=str(model_dir), pretrained=True,
+                               attn_implementation='sdpa', use_train_metrics=False)
+    opt = DecoupledAdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    algo = ShearPruning(target=target or TARGET, lag_lr=lag_lr, lagrangian_warmup=warmup, init=init,
+                        **({'pruning_modules': modules} if modules else {}))
+    parallelism = {'fsdp': {'state_dict_type': os.environ.get('STATE_DICT_TYPE', 'full')}} if fsdp else None
+    vocab = model.model.config.vocab_size
+    trainer = Trainer(
+        model=model, optimizers=opt, train_dataloader=loader(Tokens(256, 32, vocab), batch),
+        eval_dataloader=Evaluator(label='eval', dataloader=loader(Tokens(16, 32, vocab, seed=1), batch),
+                                  metric_names=['LanguageCrossEntropy']), eval_interval=eval_interval,
+        max_duration=f'{steps}ba', algorithms=[algo], callbacks=[PruningMonitor()], device='cpu',
+        precision='fp32', save_folder=str(out / 'ckpt'), save_interval=save_interval, save_overwrite=True,
+        save_latest_filename='latest-rank{rank}.pt', run_name='tiny', autoresume=autoresume, load_path=load_path,
+        parallelism_config=parallelism, seed=17, progress_bar=False, log_to_console=False,
+        loggers=[], device_train_microbatch_size=batch // 2,
+        schedulers=CosineAnnealingScheduler(alpha_f=0.0) if schedule == 'cosine' else None)
+    trainer.fit()
+    with torch.no_grad():
+        snap = ShearPruning.masks(trainer.state).snapshot()
+    rank = dist.get_global_rank()
+    torch.save({'log_alpha': snap.log_alpha, 'lambdas': snap.lambdas, 'stats': algo.stats},
+               out / f'masks-rank{rank}.pt')
+    trainer.close()
+    return algo, snap
+
+
+if __name__ == '__main__':
+    kwargs = {}
+    for arg in sys.argv[2:]:
+        k, v = arg.split('=', 1)
+        kwargs[k] = json.loads(v) if v[:1] in '0123456789[{tf' and v not in ('full', 'sharded') else v
+    run(sys.argv[1], **kwargs)
