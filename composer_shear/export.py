@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -17,6 +18,8 @@ from composer_shear.llama import prune_state_dict
 from composer_shear.masks import MaskSnapshot, ShearMasks, target_buffer, target_from_buffer
 from composer_shear.report import dumps, report_table, shape_report
 from composer_shear.shapes import ModelShape, ShapeError
+
+log = logging.getLogger(__name__)
 
 MASKS_FILE = 'masks.safetensors'
 HF_PREFIX = 'model.'  # the HF model's attribute on llm-foundry's / composer's HuggingFaceModel
@@ -123,14 +126,16 @@ def _read_sharded(path: Path) -> tuple[dict, dict]:
             sd[key] = torch.empty(md.size, dtype=md.properties.dtype)
     if not sd:
         raise ExportError(f'{path} holds no model weights under {prefix!r}')
-    wanted = {k for k in meta.state_dict_metadata if k.startswith('state.integrations.huggingface')}
-    extra = {k: None for k in wanted}
-    dcp.load({**sd, **extra}, storage_reader=reader, no_dist=True)
+    # The HF config is stored flattened ('...config.content.hidden_size'); the tokenizer's files are too, with
+    # dots in file names and vocabularies that make them ambiguous, so a sharded export takes its tokenizer
+    # from --source.
+    wanted = {k for k in meta.state_dict_metadata if k.startswith('state.integrations.huggingface.model.config.')}
+    loaded = {**sd, **{k: None for k in wanted}}
+    dcp.load(loaded, storage_reader=reader, no_dist=True)
     model = {k[len(prefix):]: v for k, v in sd.items()}
     hf = {}
     for k in wanted:
-        if extra[k] is not None:
-            _set_nested(hf, k[len('state.integrations.huggingface.'):].split('.'), extra[k])
+        _set_nested(hf, k[len('state.integrations.huggingface.'):].split('.'), loaded[k])
     return model, hf
 
 
@@ -244,27 +249,11 @@ def _hf_config_from_metadata(hf_meta: dict):
 
 def _tokenizer_from_metadata(hf_meta: dict):
     """Rebuild the tokenizer Composer stored in the checkpoint, if any."""
-    files = hf_meta.get('tokenizer')
-    if not files:
+    if not hf_meta.get('tokenizer'):
         return None
-    from transformers import AutoTokenizer
+    from composer.models import HuggingFaceModel
     with tempfile.TemporaryDirectory() as d:
-        for name, saved in files.items():
-            ext, content = saved.get('file_extension', ''), saved.get('content')
-            target = Path(d, name + ext)
-            if ext == '.json':
-                target.write_text(json.dumps(content))
-            elif ext == '.txt':
-                target.write_text('\n'.join(content) if isinstance(content, list) else content)
-            elif ext == '.py':
-                target.write_text(content)
-            elif ext == '.model':
-                import sentencepiece  # noqa: F401 (needed to read it)
-                from sentencepiece import sentencepiece_model_pb2 as pb
-                proto = pb.ModelProto()
-                proto.ParseFromString(content if isinstance(content, bytes) else bytes(content))
-                target.write_bytes(proto.SerializeToString())
-        return AutoTokenizer.from_pretrained(d)
+        return HuggingFaceModel.load_huggingface_tokenizer_from_saved_state(hf_meta, tokenizer_save_dir=d)
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, source: str | None = None,
@@ -287,6 +276,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, sou
         if config is None:
             raise ExportError(f'{checkpoint} carries no Hugging Face config: pass --source HF_DIR')
         tokenizer = _tokenizer_from_metadata(hf_meta)
+        if tokenizer is None:
+            log.warning('the checkpoint carries no tokenizer: the export has none (pass --source HF_DIR to add it)')
     return export_pruned(hf_sd, mask_sd, config, out, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite,
                          generation_config=generation)
 

@@ -127,7 +127,7 @@ class ShearMasks(nn.Module):
         (the Lagrangian warm-up), also returns the Lagrangian and detached statistics."""
         log_alpha = {s.name: self.log_alpha[s.name].float() for s in self.structures}
         if mode == 'snapshot':
-            cpu = lambda t: t.detach().float().cpu().contiguous()  # noqa: E731
+            cpu = lambda t: t.detach().float().cpu().clone()  # noqa: E731  (a copy: FSDP frees unsharded params)
             return MaskSnapshot(
                 self.source, self.target, {k: cpu(v) for k, v in log_alpha.items()}, cpu(self.lambdas),
                 {s.name: cpu(deterministic(log_alpha[s.name], s.target)) for s in self.structures})
@@ -142,6 +142,7 @@ class ShearMasks(nn.Module):
         if progress is None:
             return z, None, None
         lambdas = self.lambdas.float()
+        lam = lambdas.detach().clone()  # a copy for logging: FSDP frees the unsharded parameter after forward
         lag = lambdas.new_zeros(())
         stats = {}
         scores = {k: expected_score(v) for k, v in log_alpha.items()}
@@ -150,8 +151,8 @@ class ShearMasks(nn.Module):
             goal = s.target_sparsity * min(max(progress, 0.0), 1.0)
             gap = sparsity - goal
             lag = lag + (lambdas[i, 0] * gap + lambdas[i, 1] * gap * gap).mean()
-            stats[f'lambda_1/{s.name}'] = lambdas[i, 0].detach()
-            stats[f'lambda_2/{s.name}'] = lambdas[i, 1].detach()
+            stats[f'lambda_1/{s.name}'] = lam[i, 0]
+            stats[f'lambda_2/{s.name}'] = lam[i, 1]
             stats[f'target_sparsity/{s.name}'] = goal
             stats[f'expected_sparsity/{s.name}'] = sparsity.detach().mean()
         stats.update(expected_shape(self.source, {k: v.detach() for k, v in scores.items()}))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from composer import Evaluator, Trainer
+from composer.devices import DeviceCPU
 from composer.optim import CosineAnnealingScheduler, DecoupledAdamW
 from composer.utils import dist
 from llmfoundry.models.hf import ComposerHFCausalLM
@@ -48,6 +49,7 @@ def loader(ds, batch):
 def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_interval='40ba', autoresume=False,
         model_dir=None, load_path=None, batch=4, target=None, modules=None, eval_interval='40ba', schedule='cosine'):
     out = Path(out)
+    dist.initialize_dist(DeviceCPU())
     if model_dir is None:
         model_dir = out / 'source'
         if dist.get_local_rank() == 0 and not (model_dir / 'config.json').exists():
@@ -85,5 +87,8 @@ if __name__ == '__main__':
     kwargs = {}
     for arg in sys.argv[2:]:
         k, v = arg.split('=', 1)
-        kwargs[k] = json.loads(v) if v[:1] in '0123456789[{tf' and v not in ('full', 'sharded') else v
+        try:
+            kwargs[k] = json.loads(v)
+        except json.JSONDecodeError:
+            kwargs[k] = v
     run(sys.argv[1], **kwargs)
