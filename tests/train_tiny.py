@@ -47,7 +47,8 @@ def loader(ds, batch):
 
 
 def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_interval='40ba', autoresume=False,
-        model_dir=None, load_path=None, batch=4, target=None, modules=None, eval_interval='40ba', schedule='cosine'):
+        model_dir=None, load_path=None, batch=4, target=None, modules=None, eval_interval='40ba', schedule='cosine',
+        loggers=()):
     out = Path(out)
     dist.initialize_dist(DeviceCPU())
     if model_dir is None:
@@ -71,7 +72,7 @@ def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_i
         precision='fp32', save_folder=str(out / 'ckpt'), save_interval=save_interval, save_overwrite=True,
         save_latest_filename='latest-rank{rank}.pt', run_name='tiny', autoresume=autoresume, load_path=load_path,
         parallelism_config=parallelism, seed=17, progress_bar=False, log_to_console=False,
-        loggers=[], device_train_microbatch_size=batch // 2,
+        loggers=list(loggers), device_train_microbatch_size=batch // 2,
         schedulers=CosineAnnealingScheduler(alpha_f=0.0) if schedule == 'cosine' else None)
     trainer.fit()
     with torch.no_grad():

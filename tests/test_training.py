@@ -1,0 +1,144 @@
+"""ShearPruning inside Composer's Trainer on a tiny GQA model (in-process, CPU)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from composer.loggers import InMemoryLogger
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import train_tiny
+from composer_shear.algorithm import ShearPruning
+from composer_shear.shapes import ShapeError
+
+TARGET = train_tiny.TARGET
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp('train')
+    logger = InMemoryLogger()
+    algo, snap = train_tiny.run(out, steps=120, loggers=[logger])
+    return out, algo, snap, logger
+
+
+def test_expected_shape_reaches_target(trained):
+    _, algo, _, _ = trained
+    for field, value in TARGET.items():
+        got = float(algo.stats[f'expected/{field}'])
+        assert abs(got - value) <= 0.05 * value, (field, got, value)
+
+
+def test_losses_and_pruning_metrics_are_logged(trained):
+    _, _, _, logger = trained
+    for key in ('loss/train/ce', 'loss/train/lag', 'loss/train/total', 'pruning/expected/num_params',
+                'pruning/lambda_1/hidden', 'pruning/lambda_2/kv', 'pruning/target_sparsity/intermediate',
+                'pruning/expected/num_key_value_heads'):
+        assert key in logger.data, key
+    ce = [float(v) for _, v in logger.data['loss/train/ce']]
+    total = [float(v) for _, v in logger.data['loss/train/total']]
+    lag = [float(v) for _, v in logger.data['loss/train/lag']]
+    assert all(abs(t - c - g) < 1e-4 * max(1, abs(t)) for t, c, g in zip(total, ce, lag))
+    # the warm-up: targets rise linearly over 30 batches
+    tgt = [float(v) for _, v in logger.data['pruning/target_sparsity/hidden']]
+    assert tgt[0] == pytest.approx(0.25 * 0 / 30) and tgt[-1] == pytest.approx(0.25)
+    assert tgt[15] == pytest.approx(0.25 * 15 / 30)
+
+
+def test_param_groups(trained):
+    out, _, _, _ = trained
+    ckpt = torch.load(out / 'ckpt' / 'latest-rank0.pt', map_location='cpu', weights_only=False)
+    groups = ckpt['state']['optimizers']['DecoupledAdamW']['param_groups']
+    assert [g['initial_lr'] for g in groups] == [1e-3, 1.0, -1.0]
+    assert [g['weight_decay'] for g in groups[1:]] == [0.0, 0.0]
+    algo_state = dict(ckpt['state']['algorithms'])['ShearPruning']
+    assert algo_state['target']['hidden_size'] == 48
+
+
+def test_monitor_writes_mask_artifacts(trained):
+    out, _, _, _ = trained
+    for batch in (40, 80, 120):  # eval and checkpoint every 40 batches
+        folder = out / 'ckpt' / 'pruning' / f'ba{batch}'
+        report = json.loads((folder / 'shape_report.json').read_text())
+        assert report['batch'] == batch
+        assert report['deterministic']['hidden_size'] == TARGET['hidden_size']
+        z = load_file(folder / 'masks.safetensors')
+        assert int((z['z.hidden'] != 0).sum()) == TARGET['hidden_size']
+        assert ((z['z.intermediate'] != 0).sum(-1) == TARGET['intermediate_size']).all()
+
+
+def test_checkpoint_exports_to_exact_target(trained, tmp_path):
+    out, _, snap, _ = trained
+    dest = tmp_path / 'pruned'
+    cmd = [sys.executable, '-m', 'composer_shear.cli', 'export', '--checkpoint',
+           str(out / 'ckpt' / 'latest-rank0.pt'), '--out', str(dest)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    model = AutoModelForCausalLM.from_pretrained(dest)
+    for field, value in TARGET.items():
+        assert getattr(model.config, field) == value
+    assert sum(p.numel() for p in model.parameters()) == snap.target.num_params()
+    assert (dest / 'tokenizer.json').exists()
+    # the exported masks are the run's final deterministic masks
+    z = load_file(dest / 'masks.safetensors')
+    for name, value in snap.z.items():
+        torch.testing.assert_close(z[f'z.{name}'], value)
+    res = subprocess.run([sys.executable, '-m', 'composer_shear.cli', 'inspect', str(dest / 'masks.safetensors')],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and '| target | 3 | 48 | 4 | 1 | 40 |' in res.stdout, res.stdout + res.stderr
+
+
+def test_export_refuses_to_overwrite_and_leaves_nothing_partial(trained, tmp_path):
+    from composer_shear.export import ExportError, export_checkpoint
+    out, _, _, _ = trained
+    ckpt = out / 'ckpt' / 'latest-rank0.pt'
+    dest = tmp_path / 'existing'
+    dest.mkdir()
+    (dest / 'keep.txt').write_text('precious')
+    with pytest.raises(ExportError, match='already exists'):
+        export_checkpoint(ckpt, dest)
+    assert (dest / 'keep.txt').read_text() == 'precious'
+    with pytest.raises(ExportError, match='does not exist'):
+        export_checkpoint(tmp_path / 'missing.pt', tmp_path / 'x')
+    bad = tmp_path / 'bad.pt'
+    torch.save({'weights': 1}, bad)
+    with pytest.raises(ExportError, match='not a Composer checkpoint'):
+        export_checkpoint(bad, tmp_path / 'y')
+    assert not (tmp_path / 'y').exists() and not (tmp_path / 'x').exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith('.')] == []
+
+
+@pytest.mark.parametrize('kwargs, error, message', [
+    ({'target': dict(TARGET, hidden_size=128)}, ShapeError, 'target.hidden_size=128 exceeds'),
+    ({'target': dict(TARGET, num_attention_heads=3)}, ShapeError, 'not a multiple'),
+    ({'target': dict(TARGET, num_key_value_heads=4, num_attention_heads=4)}, ShapeError,
+     'num_key_value_heads=4 exceeds'),
+    ({'modules': ['head', 'layers']}, ShapeError, "'layers' is unknown"),
+])
+def test_bad_input_fails_before_training(tmp_path, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        train_tiny.run(tmp_path, steps=2, **kwargs)
+    assert not list(tmp_path.glob('ckpt/**/*.pt'))
+
+
+def test_bad_algorithm_keys():
+    with pytest.raises(ShapeError, match='target is required'):
+        ShearPruning()
+    with pytest.raises(ValueError, match='lagrangian_warmup'):
+        ShearPruning(target={'preset': '1.3b'}, lagrangian_warmup='soon')
+    with pytest.raises(ValueError, match='init.temperature is unknown'):
+        ShearPruning(target={'preset': '1.3b'}, init={'temperature': 1})
+    with pytest.raises(TypeError, match='target_sparsity'):
+        ShearPruning(target={'preset': '1.3b'}, target_sparsity=0.5)
+
+
+def test_not_llama_family(tmp_path):
+    from composer import Trainer
+    from composer.models import HuggingFaceModel
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = HuggingFaceModel(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32)))
+    with pytest.raises(ShapeError, match="model_type 'gpt2' is not LLaMA-family"):
+        Trainer(model=model, algorithms=[ShearPruning(target={'hidden_size': 8})], device='cpu')
