@@ -113,7 +113,7 @@ def test_export_refuses_to_overwrite_and_leaves_nothing_partial(trained, tmp_pat
 
 @pytest.mark.parametrize('kwargs, error, message', [
     ({'target': dict(TARGET, hidden_size=128)}, ShapeError, 'target.hidden_size=128 exceeds'),
-    ({'target': dict(TARGET, num_attention_heads=3)}, ShapeError, 'not a multiple'),
+    ({'target': dict(TARGET, num_attention_heads=3, num_key_value_heads=2)}, ShapeError, 'not a multiple'),
     ({'target': dict(TARGET, num_key_value_heads=4, num_attention_heads=4)}, ShapeError,
      'num_key_value_heads=4 exceeds'),
     ({'modules': ['head', 'layers']}, ShapeError, "'layers' is unknown"),
