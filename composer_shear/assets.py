@@ -56,7 +56,7 @@ def build_smollm2_tokenizer(gguf_path: str | os.PathLike) -> PreTrainedTokenizer
                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     tk.decoder = decoders.ByteLevel()
     tk.post_processor = processors.ByteLevel(trim_offsets=False)  # adds no BOS/EOS
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types)
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types, strict=True)
                            if k == CONTROL])
     return PreTrainedTokenizerFast(
         tokenizer_object=tk, bos_token=BOS, eos_token=EOS, pad_token=EOS, unk_token=UNK,

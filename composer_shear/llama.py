@@ -196,7 +196,7 @@ def prune_state_dict(sd: dict, source: ModelShape, z: dict) -> tuple[dict, Model
         branch = zl[old] * zh[d]  # output scale of both branches, on kept hidden dims
         head_cols = gates[old][heads].repeat_interleave(hd)
 
-        def take(name, rows=None, cols=None, row_scale=None, col_scale=None):
+        def take(name, rows=None, cols=None, row_scale=None, col_scale=None, src=src, dst=dst):
             w = sd[src + name]
             t = f32(w)
             if rows is not None:

@@ -117,7 +117,7 @@ class ShearMasks(nn.Module):
         self.lambdas = nn.Parameter(torch.zeros(len(self.structures), 2))
         self.register_buffer('target_shape', target_buffer(target))
 
-    def snapshot(self) -> 'MaskSnapshot':
+    def snapshot(self) -> MaskSnapshot:
         """Full (unsharded), detached CPU copies of everything, with the exact-target masks."""
         return self('snapshot')
 
@@ -177,7 +177,7 @@ def target_buffer(target: ModelShape) -> torch.Tensor:
 
 
 def target_from_buffer(source: ModelShape, buffer: torch.Tensor) -> ModelShape:
-    return source.replace(**dict(zip(_TARGET_ORDER, (int(v) for v in buffer.tolist()))))
+    return source.replace(**dict(zip(_TARGET_ORDER, (int(v) for v in buffer.tolist()), strict=True)))
 
 
 def expected_shape(source: ModelShape, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 SUPPORTED_MODEL_TYPES = ('llama', 'mistral', 'qwen2')
 
@@ -72,7 +73,7 @@ class ModelShape:
     mlp_bias: bool = False
 
     @classmethod
-    def from_config(cls, config: Any) -> 'ModelShape':
+    def from_config(cls, config: Any) -> ModelShape:
         """Read the shape of an HF LLaMA-family config (an object or a dict)."""
         get = (lambda k, d=None: config.get(k, d)) if isinstance(config, Mapping) else \
             (lambda k, d=None: getattr(config, k, d))
@@ -121,11 +122,11 @@ class ModelShape:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **fields) -> 'ModelShape':
+    def replace(self, **fields) -> ModelShape:
         return dataclasses.replace(self, **fields)
 
     def resolve_target(self, target: Mapping[str, Any] | str | None,
-                       pruning_modules=PRUNING_MODULES) -> 'ModelShape':
+                       pruning_modules=PRUNING_MODULES) -> ModelShape:
         """Turn a target (dict of HF field names, `{'preset': name}` or a preset name) into a
         validated ModelShape. Raises ShapeError naming the offending field."""
         modules = validate_pruning_modules(pruning_modules)

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from composer_shear.export import export_pruned
 from composer_shear.llama import MaskedForward
 from composer_shear.masks import LOG_ALPHA_MAX
+
 from tiny import llama_config, random_masks, tiny_model
 
 ALL = ['layer', 'hidden', 'head', 'intermediate']

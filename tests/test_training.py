@@ -10,9 +10,10 @@ from composer.loggers import InMemoryLogger
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import train_tiny
 from composer_shear.algorithm import ShearPruning
 from composer_shear.shapes import ShapeError
+
+import train_tiny
 
 TARGET = train_tiny.TARGET
 
@@ -41,7 +42,7 @@ def test_losses_and_pruning_metrics_are_logged(trained):
     ce = [float(v) for _, v in logger.data['loss/train/ce']]
     total = [float(v) for _, v in logger.data['loss/train/total']]
     lag = [float(v) for _, v in logger.data['loss/train/lag']]
-    assert all(abs(t - c - g) < 1e-4 * max(1, abs(t)) for t, c, g in zip(total, ce, lag))
+    assert all(abs(t - c - g) < 1e-4 * max(1, abs(t)) for t, c, g in zip(total, ce, lag, strict=True))
     # the warm-up: targets rise linearly over 30 batches
     tgt = [float(v) for _, v in logger.data['pruning/target_sparsity/hidden']]
     assert tgt[0] == pytest.approx(0.25 * 0 / 30) and tgt[-1] == pytest.approx(0.25)

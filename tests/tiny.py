@@ -46,7 +46,7 @@ def random_masks(config, target, modules, seed=0, low=-3.0, high=3.0):
 
 def tiny_tokenizer(vocab_size=96):
     """A character-level tokenizer with `vocab_size` ids (0: <unk>, 1: <s>, 2: </s>)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     chars = [chr(c) for c in range(32, 127)][: vocab_size - 3]
     vocab = {'<unk>': 0, '<s>': 1, '</s>': 2} | {c: i + 3 for i, c in enumerate(chars)}

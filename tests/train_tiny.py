@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import save_tiny  # noqa: E402
-
 from composer_shear.algorithm import ShearPruning  # noqa: E402
 from composer_shear.callbacks import PruningMonitor  # noqa: E402
+
+from tiny import save_tiny  # noqa: E402
 
 TARGET = dict(num_hidden_layers=3, hidden_size=48, num_attention_heads=4, num_key_value_heads=1,
               intermediate_size=40)

@@ -1,0 +1,18 @@
+"""llm-foundry builds our parts by name through the package's entry points."""
+
+import pytest
+from llmfoundry.utils.builders import build_algorithm, build_callback
+
+from composer_shear.algorithm import ShearPruning
+from composer_shear.callbacks import PruningMonitor
+
+
+def test_entry_points_resolve():
+    algo = build_algorithm('shear_pruning', {'target': {'preset': '1.3b'}, 'lagrangian_warmup': '640ba'})
+    assert isinstance(algo, ShearPruning) and algo.warmup.value == 640
+    assert isinstance(build_callback('pruning_monitor', {}), PruningMonitor)
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(TypeError, match='pruning_module'):
+        build_algorithm('shear_pruning', {'target': {'preset': '1.3b'}, 'pruning_module': ['head']})
