@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export COMPOSER_SHEAR_CACHE=${COMPOSER_SHEAR_CACHE:-$PWD/.cache/composer_shear}
-.venv/bin/ruff check composer_shear tests bench train.py
+.venv/bin/ruff check .
 .venv/bin/pytest -q --timeout 900 -p no:cacheprovider "$@"
