@@ -1,0 +1,21 @@
+"""The README's main command, on a reduced budget."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    env = {**os.environ, 'COMPOSER_SHEAR_CACHE': os.environ.get('COMPOSER_SHEAR_CACHE') or str(tmp_path / 'cache')}
+    cmd = [sys.executable, '-m', 'composer_shear.demo', '--out', str(tmp_path / 'demo'), '--steps', '2',
+           '--eval-seqs', '2', '--batch', '2', '--seq-len', '32']
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert res.returncode == 0, res.stderr[-4000:]
+    table = (tmp_path / 'demo' / 'results.md').read_text()
+    assert '| source | 134,515,008 | 30 | 576 | 9 / 3 | 1536 |' in table
+    assert '| pruned | 44,449,152 | 20 | 384 | 6 / 2 | 768 |' in table
+    assert (tmp_path / 'demo' / 'pruned' / 'model.safetensors').exists()
