@@ -33,6 +33,23 @@ def _inspect(args) -> int:
     return 0
 
 
+def _prepare(args) -> int:
+    from composer_shear.data.prepare import prepare
+    manifest = prepare(args.input, args.tokenizer, args.out, args.max_seq_len, args.eval_fraction, args.seed)
+    for name, splits in manifest['domains'].items():
+        print(f"{name}: " + ', '.join(f"{s} {v['sequences']} seqs / {v['tokens']:,} tokens / {v['documents']} docs"
+                                      for s, v in splits.items()))
+    print(f'wrote {args.out} ({manifest["dtype"]} tokens)')
+    return 0
+
+
+def _reference(args) -> int:
+    from composer_shear.data.reference import reference_loss
+    reference_loss(args.model, args.data, args.out, max_batches=args.max_batches, batch_size=args.batch_size)
+    print(f'wrote {args.out}')
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog='composer-shear', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
@@ -52,12 +69,29 @@ def main(argv=None) -> int:
     p.add_argument('--json', action='store_true', help='print the JSON report')
     p.set_defaults(func=_inspect)
 
+    p = sub.add_parser('prepare-data', help='per-domain jsonl -> tokenized MDS with disjoint train/eval splits')
+    p.add_argument('--input', required=True, nargs='+', help='a folder of domain folders, or domain folders')
+    p.add_argument('--tokenizer', required=True, help='an HF tokenizer folder')
+    p.add_argument('--out', required=True)
+    p.add_argument('--max-seq-len', type=int, required=True)
+    p.add_argument('--eval-fraction', type=float, default=0.1, help='fraction of documents held out for eval')
+    p.add_argument('--seed', type=int, default=17)
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser('reference-loss', help='per-domain eval loss of a model (JSON for dynamic_loading)')
+    p.add_argument('--model', required=True, help='an HF model folder')
+    p.add_argument('--data', required=True, help='the prepare-data output folder')
+    p.add_argument('--out', required=True, help='the JSON file to write')
+    p.add_argument('--max-batches', type=int, help='limit per domain')
+    p.add_argument('--batch-size', type=int, default=8)
+    p.set_defaults(func=_reference)
+
     args = parser.parse_args(argv)
     from composer_shear.export import ExportError
     from composer_shear.shapes import ShapeError
     try:
         return args.func(args)
-    except (ExportError, ShapeError) as e:
+    except (ExportError, ShapeError, ValueError, FileNotFoundError) as e:
         print(f'composer-shear {args.command}: error: {e}', file=sys.stderr)
         return 2
 

@@ -1,0 +1,112 @@
+"""DynamicLoading (YAML name `dynamic_loading`): re-weight the training domains after each evaluation."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from composer.core import Callback, State
+from composer.loggers import Logger
+
+from composer_shear.data.weights import UPDATE_TYPES, check_proportions, update_weights
+
+log = logging.getLogger(__name__)
+
+# The paper's scaling-law reference losses for Llama-2-7B targets (domain order of the RedPajama sample).
+REFERENCE_PRESETS = {
+    '1.3b': {'cc': 1.9643, 'github': 0.7459, 'book': 2.1393, 'stackexchange': 1.6117, 'wiki': 1.7590,
+             'arxiv': 1.4449, 'c4-rp': 2.1251},
+    '2.7b': {'cc': 1.8712, 'github': 0.6883, 'book': 2.0325, 'stackexchange': 1.5353, 'wiki': 1.6297,
+             'arxiv': 1.3560, 'c4-rp': 2.0328},
+}
+METRIC = 'LanguageCrossEntropy'
+
+
+def read_reference(reference, domains) -> np.ndarray:
+    """Reference losses from a list, a dict by domain, a preset name or a JSON file (written by
+    `composer-shear reference-loss`)."""
+    name = 'dynamic_loading.reference_loss'
+    if isinstance(reference, str):
+        if reference in REFERENCE_PRESETS:
+            reference = REFERENCE_PRESETS[reference]
+        else:
+            path = Path(reference)
+            if not path.exists():
+                raise ValueError(f'{name}: {reference!r} is neither a preset ({sorted(REFERENCE_PRESETS)}) '
+                                 'nor an existing JSON file')
+            reference = json.loads(path.read_text())
+            reference = reference.get('losses', reference)
+    if isinstance(reference, dict):
+        missing, extra = sorted(set(domains) - set(reference)), sorted(set(reference) - set(domains))
+        if missing or extra:
+            raise ValueError(f'{name}: its domains differ from the streams: missing {missing}, unknown {extra}')
+        reference = [reference[d] for d in domains]
+    ref = np.asarray(reference, dtype=np.float64)
+    if ref.shape != (len(domains),):
+        raise ValueError(f'{name} has {ref.size} values for {len(domains)} domains {list(domains)}')
+    return ref
+
+
+class DynamicLoading(Callback):
+    """After each evaluation, move the training mix toward the domains whose eval loss exceeds the reference
+    (Xia et al. 2023, Algorithm 1), and push the new proportions to the `dynamic_text` dataset. The weights
+    live in this callback's checkpointed state; every rank computes the same ones from the synced metrics.
+
+    Per-domain losses are read from evaluators labelled with the domain names (`eval_loaders` with
+    `label: <domain>`), metric LanguageCrossEntropy (token-weighted, summed over ranks).
+    """
+
+    def __init__(self, domains, initial_proportions, reference_loss, update_type: str = 'doremi',
+                 clip_negative_excess: bool = True, smoothing: float = 1e-4):
+        self.domains = list(domains)
+        self.weights = check_proportions(initial_proportions, self.domains, 'dynamic_loading.initial_proportions')
+        self.reference = read_reference(reference_loss, self.domains)
+        if update_type not in UPDATE_TYPES:
+            raise ValueError(f'dynamic_loading.update_type {update_type!r} is unknown; choose from {UPDATE_TYPES}')
+        self.update_type = update_type
+        self.clip = bool(clip_negative_excess)
+        if not 0 <= smoothing < 1:
+            raise ValueError(f'dynamic_loading.smoothing must be in [0, 1), got {smoothing}')
+        self.smoothing = float(smoothing)
+        self.history: list[dict] = []  # [{'batch', 'weights', 'losses'}]
+
+    def _dataset(self, state: State):
+        ds = getattr(state.train_dataloader, 'dataset', None)
+        if ds is None or not hasattr(ds, 'set_proportions'):
+            raise ValueError('dynamic_loading needs the dynamic_text train loader')
+        if list(ds.domains) != self.domains:
+            raise ValueError(f'dynamic_loading.domains {self.domains} differ from the train loader\'s '
+                             f'domains {list(ds.domains)}')
+        return ds
+
+    def fit_start(self, state: State, logger: Logger):
+        self._dataset(state).set_proportions(self.weights)
+
+    def eval_after_all(self, state: State, logger: Logger):
+        if not state.eval_metrics:
+            return
+        losses = []
+        for d in self.domains:
+            metrics = state.eval_metrics.get(f'eval/{d}') or state.eval_metrics.get(d)
+            if not metrics or METRIC not in metrics:
+                raise ValueError(f'dynamic_loading: no eval loader labelled {d!r} with {METRIC}')
+            losses.append(float(metrics[METRIC].compute()))
+        self.weights = update_weights(self.weights, losses, self.reference, self.update_type, self.clip,
+                                      self.smoothing)
+        self.history.append({'batch': int(state.timestamp.batch), 'losses': losses, 'weights': self.weights.tolist()})
+        self._dataset(state).set_proportions(self.weights)
+        logger.log_metrics({f'metrics/dynamic_loading/{d}_excess_loss': loss - r
+                            for d, loss, r in zip(self.domains, losses, self.reference, strict=True)})
+
+    def batch_end(self, state: State, logger: Logger):
+        logger.log_metrics({f'metrics/train/{d}_weight': float(w) for d, w in zip(self.domains, self.weights,
+                                                                                   strict=True)})
+
+    def state_dict(self):
+        return {'weights': self.weights.tolist(), 'history': self.history}
+
+    def load_state_dict(self, state):
+        self.weights = check_proportions(state['weights'], self.domains, 'checkpointed weights')
+        self.history = list(state.get('history', []))

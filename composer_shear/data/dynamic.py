@@ -1,0 +1,181 @@
+"""DynamicStreamingDataset and the `dynamic_text` dataloader: one MDS stream per domain, mixed by proportions
+that may change at every interval (one Composer epoch = one interval between re-weightings).
+
+The main process owns the proportions and the domain cursors. When Composer starts an epoch, the loader's
+`__iter__` asks the dataset for the next interval's plan (counts per domain, cursors), writes it to a small
+file that only this rank's main process writes, and then wakes its (persistent) workers, which read it. The
+resume state is O(domains): the interval number, the samples consumed in it, and one cursor per domain.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from composer_shear.data.plan import Cursor, Plan, interval_samples, make_plan, worker_slice
+from composer_shear.data.weights import check_proportions
+
+log = logging.getLogger(__name__)
+
+
+def _scratch_dir() -> str:
+    base = '/dev/shm' if os.path.isdir('/dev/shm') and os.access('/dev/shm', os.W_OK) else None
+    path = tempfile.mkdtemp(prefix='composer_shear_plan_', dir=base)
+    owner = os.getpid()
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(path, ignore_errors=True))
+    return path
+
+
+class DynamicStreamingDataset(IterableDataset):
+    """Samples of several MDS domains (folders `{local}/{split}/{domain}`, column `tokens`), mixed by proportions.
+
+    Args:
+        local: root of the prepared data (or of the cache when `remote` is set).
+        domains: domain names, in a fixed order (their index is the domain id in batches).
+        proportions: initial proportions (list or dict by domain), non-negative, summing to 1.
+        epoch_size: global samples per interval; set it to eval_interval batches x global batch size.
+        device_batch_size: samples per device batch.
+        remote: optional remote root (anything streaming supports); data is cached under `local`.
+        split: `train` or `eval`.
+        max_seq_len: tokens per sample (samples are cut to it).
+        seed: seed of the per-domain permutations and of the interval shuffles.
+        rank, world_size: default to Composer's distributed rank and world size.
+    """
+
+    def __init__(self, local: str, domains, proportions, epoch_size: int, device_batch_size: int,
+                 max_seq_len: int, remote: str | None = None, split: str = 'train', seed: int = 17,
+                 rank: int | None = None, world_size: int | None = None, download_timeout: float = 60):
+        from composer.utils import dist
+        from streaming import Stream, StreamingDataset
+        self.domains = list(domains)
+        if not self.domains:
+            raise ValueError('dynamic_text: dataset.domains is empty')
+        self.proportions = check_proportions(proportions, self.domains, 'dataset.proportions')
+        streams = []
+        for d in self.domains:
+            local_dir = os.path.join(local, split, d)
+            if remote is None and not os.path.exists(os.path.join(local_dir, 'index.json')):
+                raise FileNotFoundError(f'dynamic_text: domain {d!r} has no MDS data at {local_dir} '
+                                        '(no index.json; run composer-shear prepare-data)')
+            streams.append(Stream(local=local_dir, remote=None if remote is None else f'{remote}/{split}/{d}'))
+        self.store = StreamingDataset(streams=streams, batch_size=device_batch_size, shuffle=False,
+                                      download_timeout=download_timeout)
+        self.sizes = [int(n) for n in self.store.samples_per_stream]
+        self.offsets = [int(n) for n in self.store.sample_offset_per_stream]
+        for d, n in zip(self.domains, self.sizes, strict=True):
+            if n == 0:
+                raise ValueError(f'dynamic_text: domain {d!r} is empty')
+        self.max_seq_len = int(max_seq_len)
+        self.seed = int(seed)
+        self.rank = dist.get_global_rank() if rank is None else rank
+        self.world = dist.get_world_size() if world_size is None else world_size
+        self.batch = int(device_batch_size)
+        self.epoch_size = int(epoch_size)
+        if self.epoch_size < self.world * self.batch:
+            raise ValueError(f'dynamic_text: epoch_size {self.epoch_size} is smaller than one global batch '
+                             f'({self.world} x {self.batch})')
+        self._dir = _scratch_dir()
+        self.plan: Plan | None = None
+        self._next_epoch, self._next_cursor, self._next_skip = 0, Cursor.start(len(self.domains)), 0
+        self._pinned = None  # proportions of an interval resumed mid-way
+
+    # main process ------------------------------------------------------------------------------------------
+    def set_proportions(self, proportions):
+        """New proportions; they apply from the next interval."""
+        self.proportions = check_proportions(proportions, self.domains, 'proportions')
+
+    def start_interval(self) -> Plan:
+        """Plan the next interval and publish it to this rank's workers."""
+        proportions = self.proportions if self._pinned is None else self._pinned
+        plan, wrapped = make_plan(self._next_epoch, proportions, self._next_cursor, self.epoch_size,
+                                  self.sizes, self.seed, skip=self._next_skip)
+        self._pinned = None
+        for d in sorted(set(wrapped)):
+            log.warning('dynamic_text: domain %r ran out of samples (%d) in interval %d; reshuffling it and '
+                        'reading it again', self.domains[d], self.sizes[d], plan.epoch)
+        tmp = Path(self._dir, f'.plan.{os.getpid()}')
+        tmp.write_text(json.dumps(plan.to_dict()))
+        os.replace(tmp, Path(self._dir, 'plan.json'))
+        self.plan = plan
+        self._next_epoch, self._next_cursor, self._next_skip = plan.epoch + 1, plan.end, 0
+        return plan
+
+    def __len__(self) -> int:
+        """Samples per rank per interval (whole device batches)."""
+        return (self.epoch_size // self.world // self.batch) * self.batch
+
+    def state_dict(self, num_samples: int = 0, from_beginning: bool = True) -> dict:
+        """Resume state: interval, global samples consumed in it, cursors at its start, proportions."""
+        consumed = self.plan is not None and (num_samples == 0 or num_samples >= len(self) * self.world)
+        if self.plan is None or consumed:
+            epoch = self._next_epoch if self.plan is None else self.plan.epoch + 1
+            cursor = self._next_cursor if self.plan is None else self.plan.end
+            return {'epoch': epoch, 'sample_in_epoch': 0, 'cursor': cursor.to_dict(),
+                    'proportions': self.proportions.tolist()}
+        return {'epoch': self.plan.epoch, 'sample_in_epoch': int(num_samples), 'cursor': self.plan.start.to_dict(),
+                'proportions': [float(x) for x in self.plan.proportions]}
+
+    def load_state_dict(self, state: dict):
+        self._next_epoch = int(state['epoch'])
+        self._next_cursor = Cursor(**state['cursor'])
+        self._next_skip = int(state['sample_in_epoch'])
+        self.set_proportions(state['proportions'])
+        # a mid-interval resume finishes the interval with the proportions it started with
+        self._pinned = self.proportions.copy() if self._next_skip else None
+        self.plan = None
+
+    # workers -----------------------------------------------------------------------------------------------
+    def _current_plan(self) -> Plan:
+        path = Path(self._dir, 'plan.json')
+        if not path.exists():
+            raise RuntimeError('dynamic_text: no interval planned; iterate through the dynamic_text DataLoader')
+        return Plan.from_dict(json.loads(path.read_text()))
+
+    def __iter__(self):
+        plan = self._current_plan()
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        pairs = interval_samples(plan, self.sizes, self.seed)
+        for d, i in worker_slice(pairs, plan.skip, self.rank, self.world, worker, workers, self.batch):
+            yield self.sample(int(d), int(i))
+
+    def sample(self, domain: int, index: int) -> dict:
+        tokens = self.store.get_item(self.offsets[domain] + index)['tokens']
+        ids = torch.from_numpy(np.asarray(tokens[:self.max_seq_len]).astype(np.int64))
+        return {'input_ids': ids, 'domain': domain}
+
+
+def collate(samples: list[dict]) -> dict:
+    ids = torch.stack([s['input_ids'] for s in samples])
+    return {'input_ids': ids, 'attention_mask': torch.ones_like(ids), 'labels': ids.clone(),
+            'domain': torch.tensor([s['domain'] for s in samples])}
+
+
+class DynamicLoader(DataLoader):
+    """A DataLoader that plans each interval in the main process before its workers start it."""
+
+    def __iter__(self):
+        self.dataset.start_interval()
+        return super().__iter__()
+
+
+def build_dynamic_text_dataloader(tokenizer, device_batch_size: int, dataset: dict, drop_last: bool = True,
+                                  num_workers: int = 2, pin_memory: bool = False, prefetch_factor: int | None = 2,
+                                  persistent_workers: bool = True, timeout: float = 0):
+    """llm-foundry dataloader `dynamic_text`: returns a Composer DataSpec."""
+    from composer.core import DataSpec
+    ds = DynamicStreamingDataset(device_batch_size=device_batch_size, **dataset)
+    loader = DynamicLoader(ds, batch_size=device_batch_size, collate_fn=collate, drop_last=drop_last,
+                           num_workers=num_workers, pin_memory=pin_memory,
+                           prefetch_factor=prefetch_factor if num_workers else None,
+                           persistent_workers=persistent_workers and num_workers > 0, timeout=timeout)
+    return DataSpec(loader, get_num_tokens_in_batch=lambda b: int(b['attention_mask'].sum()))

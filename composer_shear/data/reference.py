@@ -1,0 +1,48 @@
+"""`composer-shear reference-loss`: per-domain eval loss of an HF model on prepared MDS eval splits."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def eval_loss(model, local: str, domain: str, max_seq_len: int, batch_size: int = 8, max_batches: int | None = None,
+              split: str = 'eval') -> tuple[float, int]:
+    """Token-weighted mean next-token CE of one domain's eval split, and the tokens scored."""
+    from streaming import StreamingDataset
+    ds = StreamingDataset(local=os.path.join(local, split, domain), batch_size=batch_size, shuffle=False)
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for b, start in enumerate(range(0, ds.num_samples, batch_size)):
+            if max_batches is not None and b >= max_batches:
+                break
+            rows = [ds.get_item(i)['tokens'][:max_seq_len] for i in range(start, min(start + batch_size,
+                                                                                    ds.num_samples))]
+            ids = torch.tensor([r.astype('int64') for r in rows])
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                     reduction='sum')
+            total += loss.item()
+            count += ids[:, 1:].numel()
+    return total / count, count
+
+
+def reference_loss(model_dir, data, out, max_batches: int | None = None, batch_size: int = 8) -> dict:
+    from transformers import AutoModelForCausalLM
+    manifest = json.loads(Path(data, 'manifest.json').read_text())
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    losses, tokens = {}, {}
+    for d in manifest['domains']:
+        losses[d], tokens[d] = eval_loss(model, data, d, manifest['max_seq_len'], batch_size, max_batches)
+        print(f'{d}: loss {losses[d]:.4f} over {tokens[d]} tokens', flush=True)
+    result = {'model': str(model_dir), 'data': str(data), 'losses': losses, 'tokens': tokens}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f'.{out.name}.tmp-{os.getpid()}')
+    tmp.write_text(json.dumps(result, indent=2) + '\n')
+    os.replace(tmp, out)
+    return result

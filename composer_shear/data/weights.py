@@ -1,0 +1,45 @@
+"""Domain weights: validation and the dynamic batch loading update (Xia et al. 2023, Algorithm 1)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+UPDATE_TYPES = ('doremi', 'constant')
+
+
+def check_proportions(proportions, domains, name='initial_proportions') -> np.ndarray:
+    """Proportions as a float64 array, one per domain, non-negative and summing to 1 (+- 1e-6)."""
+    if isinstance(proportions, dict):
+        missing = sorted(set(domains) - set(proportions))
+        extra = sorted(set(proportions) - set(domains))
+        if missing or extra:
+            raise ValueError(f'{name}: domains {missing} missing, {extra} unknown (domains are {list(domains)})')
+        proportions = [proportions[d] for d in domains]
+    p = np.asarray(proportions, dtype=np.float64)
+    if p.shape != (len(domains),):
+        raise ValueError(f'{name} has {p.size} values for {len(domains)} domains {list(domains)}')
+    if (p < 0).any() or not np.isfinite(p).all():
+        raise ValueError(f'{name} must be finite and non-negative, got {p.tolist()}')
+    if abs(p.sum() - 1.0) > 1e-6:
+        raise ValueError(f'{name} must sum to 1 (+-1e-6), got {p.sum():.8f}')
+    return p / p.sum()
+
+
+def update_weights(weights, losses, reference, update_type='doremi', clip_negative_excess=True,
+                   smoothing=1e-4) -> np.ndarray:
+    """One dynamic-loading step. Excess loss d = max(loss - reference, 0) (or unclipped);
+    doremi: w' = normalize(w * exp(d)); then mix with the uniform: (1 - c) w' + c / k, renormalized.
+    `constant` returns the weights unchanged."""
+    w = np.asarray(weights, dtype=np.float64)
+    if update_type == 'constant':
+        return w.copy()
+    if update_type != 'doremi':
+        raise ValueError(f'update_type {update_type!r} is unknown; choose from {UPDATE_TYPES}')
+    excess = np.asarray(losses, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
+    if clip_negative_excess:
+        excess = np.maximum(excess, 0.0)
+    logits = np.log(w) + excess
+    alpha = np.exp(logits - logits.max())
+    alpha /= alpha.sum()
+    new = (1.0 - smoothing) * alpha + smoothing / len(w)
+    return new / new.sum()
