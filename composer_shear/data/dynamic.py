@@ -35,6 +35,25 @@ def _scratch_dir() -> str:
     return path
 
 
+def check_local_split(folder: str, domain: str):
+    """Fail early, naming the file, on a missing or corrupt index, a missing shard, or an empty domain."""
+    index = Path(folder, 'index.json')
+    if not index.exists():
+        raise FileNotFoundError(f'dynamic_text: domain {domain!r} has no MDS data at {folder} '
+                                '(no index.json; run composer-shear prepare-data)')
+    try:
+        shards = json.loads(index.read_text())['shards']
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f'dynamic_text: {index} is corrupt ({e})') from e
+    for shard in shards:
+        raw = shard.get('raw_data', {}).get('basename')
+        zipped = (shard.get('zip_data') or {}).get('basename')
+        if not any(b and Path(folder, b).exists() for b in (raw, zipped)):
+            raise FileNotFoundError(f'dynamic_text: domain {domain!r}: shard {Path(folder, raw or zipped)} is missing')
+    if sum(s.get('samples', 0) for s in shards) == 0:
+        raise ValueError(f'dynamic_text: domain {domain!r} is empty ({folder})')
+
+
 class DynamicStreamingDataset(IterableDataset):
     """Samples of several MDS domains (folders `{local}/{split}/{domain}`, column `tokens`), mixed by proportions.
 
@@ -63,9 +82,8 @@ class DynamicStreamingDataset(IterableDataset):
         streams = []
         for d in self.domains:
             local_dir = os.path.join(local, split, d)
-            if remote is None and not os.path.exists(os.path.join(local_dir, 'index.json')):
-                raise FileNotFoundError(f'dynamic_text: domain {d!r} has no MDS data at {local_dir} '
-                                        '(no index.json; run composer-shear prepare-data)')
+            if remote is None:
+                check_local_split(local_dir, d)
             streams.append(Stream(local=local_dir, remote=None if remote is None else f'{remote}/{split}/{d}'))
         self.store = StreamingDataset(streams=streams, batch_size=device_batch_size, shuffle=False,
                                       download_timeout=download_timeout)

@@ -1,0 +1,137 @@
+"""Dynamic batch loading: the update rule, the loader's mix, no repeats, exact resume, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from composer_shear.data.callback import DynamicLoading, read_reference
+from composer_shear.data.dynamic import build_dynamic_text_dataloader
+from composer_shear.data.weights import check_proportions, update_weights
+
+from mds import write_domains
+
+RP = [0.67, 0.045, 0.045, 0.02, 0.045, 0.025, 0.15]
+
+
+def test_update_rule_worked_example():
+    # reference-method.md 6.2: RedPajama mix, excess [.5 .1 .3 .2 .4 .2 .6]
+    w = update_weights(RP, np.array([.5, .1, .3, .2, .4, .2, .6]) + 2.0, [2.0] * 7)
+    np.testing.assert_allclose(w, [0.685833, 0.030891, 0.037727, 0.015180, 0.041693, 0.018972, 0.169704], atol=1e-6)
+    # computed independently: softmax(log w + max(l - ref, 0)), mixed with 1e-4 of uniform
+    losses, ref = np.array([1.0, 3.0, 2.0]), np.array([2.0, 2.0, 2.5])
+    w0 = np.array([0.5, 0.3, 0.2])
+    clipped = w0 * np.exp([0.0, 1.0, 0.0])
+    clipped = 0.9999 * clipped / clipped.sum() + 1e-4 / 3
+    np.testing.assert_allclose(update_weights(w0, losses, ref), clipped / clipped.sum(), rtol=1e-12)
+    unclipped = w0 * np.exp([-1.0, 1.0, -0.5])
+    unclipped = 0.9999 * unclipped / unclipped.sum() + 1e-4 / 3
+    np.testing.assert_allclose(update_weights(w0, losses, ref, clip_negative_excess=False),
+                               unclipped / unclipped.sum(), rtol=1e-12)
+    assert np.array_equal(update_weights(w0, losses, ref, 'constant'), w0)
+    extreme = update_weights([1 - 2e-12, 1e-12, 1e-12], [50.0, 0, 0], [0.0, 0, 0])
+    assert abs(extreme.sum() - 1) < 1e-12 and (extreme >= 1e-4 / 3 * 0.999).all()
+
+
+def loader(root, props, epoch_size=2000, workers=2, rank=None, world=None, batch=4, domains=('a', 'b', 'c')):
+    spec = build_dynamic_text_dataloader(None, batch, dict(local=str(root), domains=list(domains), proportions=props,
+                                                           epoch_size=epoch_size, max_seq_len=8, rank=rank,
+                                                           world_size=world), num_workers=workers)
+    return spec.dataloader
+
+
+def samples(dl, batches=None):
+    out = []
+    for i, b in enumerate(dl):
+        if batches is not None and i >= batches:
+            break
+        ids = b['input_ids']
+        assert torch.equal(ids[:, 0], b['domain'])
+        out += [(int(x[0]), int(x[1])) for x in ids]
+    return out
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return write_domains(tmp_path_factory.mktemp('mds'), {'a': 6000, 'b': 3000, 'c': 1500})
+
+
+def chi2(counts, p):
+    expected = np.asarray(p) * sum(counts)
+    return float(((np.asarray(counts) - expected) ** 2 / expected).sum())
+
+
+def test_mix_follows_proportions_across_workers_and_updates(data):
+    dl = loader(data, [0.5, 0.3, 0.2])
+    assert dl.persistent_workers and dl.num_workers == 2
+    before = [d for _ in range(5) for d, _ in samples(dl)]  # 10k samples
+    assert len(before) == 10_000
+    assert chi2(np.bincount(before, minlength=3), [0.5, 0.3, 0.2]) < 13.8  # chi2(2) at p = 0.001
+    dl.dataset.set_proportions([0.1, 0.2, 0.7])
+    after = [d for _ in range(5) for d, _ in samples(dl)]
+    assert chi2(np.bincount(after, minlength=3), [0.1, 0.2, 0.7]) < 13.8
+    assert chi2(np.bincount(after, minlength=3), [0.5, 0.3, 0.2]) > 1000  # the update reached the workers
+
+
+def test_no_repeats_before_exhaustion_and_disjoint_ranks(data, caplog):
+    ranks = [loader(data, [0.2, 0.3, 0.5], epoch_size=1000, rank=r, world=2) for r in (0, 1)]
+    seen = {0: [], 1: [], 2: []}
+    for _ in range(4):
+        parts = [samples(dl) for dl in ranks]
+        assert not set(parts[0]) & set(parts[1])  # ranks never share a sample in an interval
+        for d, i in parts[0] + parts[1]:
+            seen[d].append(i)
+    # domain c (1500 samples) got 2000 draws: every sample once before any repeats, then a fresh shuffle
+    c = seen[2]
+    assert len(set(c[:1500])) == 1500 or len(set(c)) == 1500
+    for d in (0, 1):
+        assert len(seen[d]) == len(set(seen[d]))
+    assert any('ran out of samples' in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize('stop', [7, 125])  # batches: mid-interval, and exactly at an interval boundary
+def test_resume_is_exact(data, stop):
+    epoch_size, batch = 500, 4  # 125 batches per interval
+    ref = loader(data, [0.5, 0.3, 0.2], epoch_size=epoch_size)
+    full = samples(ref) + samples(ref)
+    ref.dataset.set_proportions([0.2, 0.2, 0.6])
+    full += samples(ref)
+
+    first = loader(data, [0.5, 0.3, 0.2], epoch_size=epoch_size)
+    got = samples(first, batches=stop)
+    state = first.dataset.state_dict(num_samples=stop * batch % epoch_size, from_beginning=True)
+    assert len(json.dumps(state)) < 300  # O(domains)
+    resumed = loader(data, [0.9, 0.05, 0.05], epoch_size=epoch_size)
+    resumed.dataset.load_state_dict(state)
+    got += samples(resumed)
+    if stop < 125:
+        got += samples(resumed)
+    resumed.dataset.set_proportions([0.2, 0.2, 0.6])
+    got += samples(resumed)
+    assert got == full
+
+
+def test_bad_input(data, tmp_path):
+    with pytest.raises(ValueError, match='non-negative'):
+        check_proportions([0.5, -0.1, 0.6], ['a', 'b', 'c'])
+    with pytest.raises(ValueError, match=r'must sum to 1'):
+        loader(data, [0.5, 0.3, 0.3])
+    with pytest.raises(ValueError, match=r"missing \['c'\], unknown \['d'\]"):
+        read_reference({'a': 1.0, 'b': 1.0, 'd': 1.0}, ['a', 'b', 'c'])
+    with pytest.raises(ValueError, match='domains differ'):
+        DynamicLoading(['a', 'b', 'c'], [0.5, 0.3, 0.2], {'a': 1, 'b': 2, 'x': 3})
+    with pytest.raises(FileNotFoundError, match="domain 'zz' has no MDS data"):
+        loader(data, [0.5, 0.5], domains=('a', 'zz'))
+    empty = tmp_path / 'empty'
+    write_domains(empty, {'a': 10, 'b': 0})
+    with pytest.raises(ValueError, match="domain 'b' is empty"):
+        loader(empty, [0.5, 0.5], domains=('a', 'b'))
+    broken = write_domains(tmp_path / 'broken', {'a': 2000, 'b': 10})
+    shard = sorted((broken / 'train' / 'a').glob('*.mds'))[1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=f"domain 'a': shard .*{shard.name} is missing"):
+        loader(broken, [0.5, 0.5], domains=('a', 'b'))
+    (broken / 'train' / 'b' / 'index.json').write_text('{not json')
+    with pytest.raises(ValueError, match='index.json is corrupt'):
+        loader(broken, [0.5, 0.5], domains=('b', 'a'))
