@@ -1,0 +1,79 @@
+"""Pruning with dynamic batch loading and per-domain eval on a tiny model. Run with the launcher:
+`composer -n 2 tests/train_dynamic.py OUT_DIR` (add FSDP_VERSION=2 and `fsdp` as 2nd argument for FSDP2)."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from composer import Evaluator, Trainer
+from composer.devices import DeviceCPU
+from composer.optim import DecoupledAdamW
+from composer.utils import dist
+from llmfoundry.models.hf import ComposerHFCausalLM
+from streaming import MDSWriter, StreamingDataset
+from transformers import AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from composer_shear.algorithm import ShearPruning  # noqa: E402
+from composer_shear.data.callback import DynamicLoading  # noqa: E402
+from composer_shear.data.dynamic import build_dynamic_text_dataloader, collate  # noqa: E402
+
+from tiny import save_tiny  # noqa: E402
+from train_tiny import TARGET  # noqa: E402
+
+DOMAINS = ['alpha', 'beta', 'gamma']
+REFERENCE = [1.0, 1.5, 0.5]
+SEQ, VOCAB = 16, 96
+
+
+def write_data(root):
+    """Domain d: token progressions with step d + 1 (learnable, and different per domain)."""
+    rng = np.random.default_rng(0)
+    for d, name in enumerate(DOMAINS):
+        for split, n in (('train', 400), ('eval', 24)):
+            with MDSWriter(out=str(root / split / name), columns={'tokens': 'ndarray:uint16'}) as w:
+                for _ in range(n):
+                    start = rng.integers(3, VOCAB)
+                    w.write({'tokens': (3 + (start + (d + 1) * np.arange(SEQ)) % (VOCAB - 3)).astype(np.uint16)})
+
+
+class EvalSet(StreamingDataset):
+    def __getitem__(self, i):
+        return {'input_ids': torch.from_numpy(super().__getitem__(i)['tokens'].astype(np.int64)), 'domain': 0}
+
+
+def run(out, fsdp=False):
+    out = Path(out)
+    dist.initialize_dist(DeviceCPU())
+    if dist.get_local_rank() == 0:
+        save_tiny(out / 'model')
+        write_data(out / 'data')
+    dist.barrier()
+    tok = AutoTokenizer.from_pretrained(out / 'model')
+    model = ComposerHFCausalLM(tok, pretrained_model_name_or_path=str(out / 'model'), pretrained=True,
+                               attn_implementation='sdpa', use_train_metrics=False)
+    batch = 4
+    train = build_dynamic_text_dataloader(
+        tok, batch, dict(local=str(out / 'data'), domains=DOMAINS, proportions=[0.6, 0.3, 0.1],
+                         epoch_size=5 * batch * dist.get_world_size(), max_seq_len=SEQ), num_workers=2)
+    evals = [Evaluator(label=d, metric_names=['LanguageCrossEntropy'], dataloader=torch.utils.data.DataLoader(
+        EvalSet(local=str(out / 'data' / 'eval' / d), batch_size=batch, shuffle=False), batch_size=batch,
+        collate_fn=collate)) for d in DOMAINS]
+    callback = DynamicLoading(DOMAINS, [0.6, 0.3, 0.1], dict(zip(DOMAINS, REFERENCE, strict=True)))
+    trainer = Trainer(
+        model=model, optimizers=DecoupledAdamW(model.parameters(), lr=1e-3, weight_decay=0.0),
+        train_dataloader=train, eval_dataloader=evals, eval_interval='1ep', max_duration='4ep',
+        algorithms=[ShearPruning(target=TARGET, lagrangian_warmup='10ba')], callbacks=[callback], device='cpu',
+        precision='fp32', seed=17, progress_bar=False, log_to_console=False, device_train_microbatch_size=batch,
+        parallelism_config={'fsdp': {}} if fsdp else None, run_name='dyn', save_folder=str(out / 'ckpt'),
+        save_interval='2ep')
+    trainer.fit()
+    rank = dist.get_global_rank()
+    (out / f'history-rank{rank}.json').write_text(json.dumps(callback.history))
+    trainer.close()
+
+
+if __name__ == '__main__':
+    run(sys.argv[1], fsdp=len(sys.argv) > 2 and sys.argv[2] == 'fsdp')
