@@ -135,3 +135,30 @@ def test_bad_input(data, tmp_path):
     (broken / 'train' / 'b' / 'index.json').write_text('{not json')
     with pytest.raises(ValueError, match='index.json is corrupt'):
         loader(broken, [0.5, 0.5], domains=('b', 'a'))
+
+
+def test_remote_is_cached_locally(data, tmp_path):
+    """A local path given as `remote` goes through streaming's download/cache path."""
+    from composer_shear.data.dynamic import DynamicStreamingDataset
+    cache = tmp_path / 'cache'
+    ds = DynamicStreamingDataset(local=str(cache), remote=str(data), domains=['a', 'b', 'c'],
+                                 proportions=[0.5, 0.3, 0.2], epoch_size=400, device_batch_size=4, max_seq_len=8)
+    plain = loader(data, [0.5, 0.3, 0.2], epoch_size=400)
+    ds.start_interval()
+    got = [(int(s['input_ids'][0]), int(s['input_ids'][1])) for s in ds]
+    assert got == samples(plain)
+    assert list((cache / 'train' / 'b').glob('*.mds'))
+
+
+def test_warns_when_data_is_too_small(data, caplog):
+    from types import SimpleNamespace
+
+    from composer.core import Time
+
+    from composer_shear.data.callback import warn_if_too_small
+    dl = loader(data, [0.2, 0.3, 0.5], epoch_size=1000, workers=0)
+    state = SimpleNamespace(max_duration=Time.from_timestring('1000ba'))  # 4000 samples
+    messages = warn_if_too_small(dl.dataset, state)
+    assert len(messages) == 1
+    assert messages[0].startswith('c: ~2,000 samples wanted') and '1,500 available' in messages[0]
+    assert 'too small' in caplog.text

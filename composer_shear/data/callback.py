@@ -49,6 +49,32 @@ def read_reference(reference, domains) -> np.ndarray:
     return ref
 
 
+def warn_if_too_small(ds, state: State) -> list[str]:
+    """Warn, with numbers, about domains that the run will read more than once at the current proportions."""
+    from composer.core import TimeUnit
+    if state.max_duration is None:
+        return []
+    unit, value = state.max_duration.unit, state.max_duration.value
+    if unit == TimeUnit.EPOCH:
+        needed = value * ds.epoch_size
+    elif unit == TimeUnit.BATCH:
+        needed = value * ds.batch * ds.world
+    elif unit == TimeUnit.SAMPLE:
+        needed = value
+    else:
+        return []
+    messages = []
+    for d, w, n in zip(ds.domains, ds.proportions, ds.sizes, strict=True):
+        want = w * needed
+        if want > n:
+            messages.append(f'{d}: ~{want:,.0f} samples wanted at proportion {w:.4f} over {needed:,} samples, '
+                            f'{n:,} available ({want / n:.1f} passes)')
+    if messages:
+        log.warning('dynamic_loading: the data is too small for max_duration at the current proportions; these '
+                    'domains will be reshuffled and read again:\n  %s', '\n  '.join(messages))
+    return messages
+
+
 class DynamicLoading(Callback):
     """After each evaluation, move the training mix toward the domains whose eval loss exceeds the reference
     (Xia et al. 2023, Algorithm 1), and push the new proportions to the `dynamic_text` dataset. The weights
@@ -82,7 +108,9 @@ class DynamicLoading(Callback):
         return ds
 
     def fit_start(self, state: State, logger: Logger):
-        self._dataset(state).set_proportions(self.weights)
+        ds = self._dataset(state)
+        ds.set_proportions(self.weights)
+        warn_if_too_small(ds, state)
 
     def eval_after_all(self, state: State, logger: Logger):
         if not state.eval_metrics:

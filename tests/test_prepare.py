@@ -1,0 +1,330 @@
+"""`composer-shear prepare-data` and `reference-loss`: layout, manifest, disjoint splits, packing, re-runs,
+interrupted runs, error messages, the CLI, and the reference loss against an independent computation."""
+
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+
+from composer_shear.data.prepare import prepare
+
+from tiny import save_tiny, tiny_tokenizer
+
+SEQ = 32
+BOS, EOS = 1, 2
+# alpha: two plain .jsonl files (one nested deeper), beta: one .jsonl.gz, gamma: two .jsonl.zst files
+SIZES = {'alpha': 12, 'beta': 20, 'gamma': 25}
+TAG = re.compile(r'<s>(\w+-\d{3}):')
+
+
+def doc_text(domain, i):
+    """A unique, tagged document of 51..80 characters: longer than SEQ + tag, so the dropped tail of a split
+    can never hold a whole document (or its tag), and every document can be traced in the output."""
+    return f'{domain}-{i:03d}: ' + 'lorem ipsum dolor sit amet consectetur adipiscing'[:40 + (7 * i) % 30]
+
+
+def encode(text):
+    """The tiny character tokenizer, independently: printable ASCII c -> ord(c) - 29, wrapped in BOS/EOS."""
+    return [BOS] + [ord(c) - 29 for c in text] + [EOS]
+
+
+def decode(ids):
+    return ''.join({BOS: '<s>', EOS: '</s>'}.get(int(t), chr(int(t) + 29)) for t in ids)
+
+
+def write_jsonl(path, lines):
+    """Write `lines` (dicts, or raw strings written as they are); compressed by the file's suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = ''.join((x if isinstance(x, str) else json.dumps(x)) + '\n' for x in lines).encode()
+    if path.name.endswith('.gz'):
+        data = gzip.compress(data)
+    elif path.name.endswith('.zst'):
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def docs(domain, ids):
+    return [{'text': doc_text(domain, i), 'meta': {'n': i}} for i in ids]
+
+
+@pytest.fixture
+def tok_dir(tmp_path):
+    return str(tiny_tokenizer().save_pretrained(tmp_path / 'tok') and tmp_path / 'tok')
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Three domains; returns (input root, {domain: texts in input order})."""
+    root = tmp_path / 'raw'
+    write_jsonl(root / 'alpha' / 'a0.jsonl', docs('alpha', range(5))[:3] + [''] + docs('alpha', range(3, 5)))
+    write_jsonl(root / 'alpha' / 'more' / 'a1.jsonl', docs('alpha', range(5, 12)))
+    (root / 'alpha' / 'README.md').write_text('not data\n')
+    write_jsonl(root / 'beta' / 'part-0.jsonl.gz', docs('beta', range(20)))
+    write_jsonl(root / 'gamma' / 'a.jsonl.zst', docs('gamma', range(15)))
+    write_jsonl(root / 'gamma' / 'b' / 'c.jsonl.zst', docs('gamma', range(15, 25)))
+    return root, {d: [doc_text(d, i) for i in range(n)] for d, n in SIZES.items()}
+
+
+def read_rows(folder):
+    """All samples' `tokens` of one MDS folder, in order."""
+    from streaming import StreamingDataset
+    ds = StreamingDataset(local=str(folder), shuffle=False, batch_size=1)
+    rows = [ds.get_item(i)['tokens'] for i in range(ds.num_samples)]
+    del ds
+    return rows
+
+
+def leftovers(out):
+    return sorted(str(p.relative_to(out)) for p in out.rglob('*') if '.tmp-' in p.name)
+
+
+def mtimes(out):
+    return {p: p.stat().st_mtime_ns for p in out.rglob('*') if p.is_file()}
+
+
+def check_output(out, texts, manifest, seq=SEQ, eval_fraction=0.2):
+    """Every domain's splits against the manifest and against the input documents, traced by their tags."""
+    assert json.loads((out / 'manifest.json').read_text()) == manifest
+    assert manifest['max_seq_len'] == seq and manifest['dtype'] == 'uint16'
+    assert list(manifest['domains']) == list(texts)
+    for split in ('train', 'eval'):
+        assert sorted(p.name for p in (out / split).iterdir()) == sorted(texts)
+    for domain, domain_texts in texts.items():
+        by_tag = {TAG.match('<s>' + t).group(1): t for t in domain_texts}
+        seen = {}
+        for split in ('train', 'eval'):
+            rows = read_rows(out / split / domain)
+            assert rows and all(r.dtype == np.uint16 and r.shape == (seq,) for r in rows)
+            flat = np.concatenate(rows)
+            tags = TAG.findall(decode(flat))
+            assert len(tags) == len(set(tags)) and set(tags) <= set(by_tag)
+            seen[split] = set(tags)
+            # the split is exactly its documents, in input order, each wrapped in BOS/EOS, packed, tail dropped
+            chosen = [t for tag, t in by_tag.items() if tag in seen[split]]
+            expected = [i for t in chosen for i in encode(t)]
+            assert len(rows) == len(expected) // seq
+            assert flat.tolist() == expected[:len(flat)]
+            assert flat[0] == BOS and (flat == BOS).sum() == len(chosen) and (flat == EOS).sum() >= len(chosen) - 1
+            assert manifest['domains'][domain][split] == {'documents': len(chosen), 'tokens': len(flat),
+                                                          'sequences': len(rows)}
+        assert not seen['train'] & seen['eval']
+        assert seen['train'] | seen['eval'] == set(by_tag)
+        assert len(seen['eval']) == round(eval_fraction * len(domain_texts))
+
+
+def test_layout_manifest_and_disjoint_splits(tmp_path, tok_dir, corpus):
+    root, texts = corpus
+    out = tmp_path / 'out'
+    manifest = prepare(root, tok_dir, out, SEQ, eval_fraction=0.2, progress=False)
+    check_output(out, texts, manifest)
+    docs_per_split = {d: [v['train']['documents'], v['eval']['documents']] for d, v in manifest['domains'].items()}
+    assert docs_per_split == {'alpha': [10, 2], 'beta': [16, 4], 'gamma': [20, 5]}
+    assert leftovers(out) == []
+    # a list of domain folders is the same as their parent folder
+    listed = prepare([root / d for d in texts], tok_dir, tmp_path / 'listed', SEQ, eval_fraction=0.2, progress=False)
+    assert listed['domains'] == manifest['domains']
+
+
+def test_uint32_for_a_large_vocabulary(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {'<unk>': 0, '<s>': 1, '</s>': 2} | {f'w{i}': i for i in range(3, 70000)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token='<unk>', bos_token='<s>',
+                            eos_token='</s>').save_pretrained(tmp_path / 'tok')
+    words = [[3 + (997 * (10 * d + j)) % 69997 for j in range(20)] for d in range(4)]
+    write_jsonl(tmp_path / 'raw' / 'words' / 'w.jsonl', [{'text': ' '.join(f'w{i}' for i in ids)} for ids in words])
+    manifest = prepare(tmp_path / 'raw', tmp_path / 'tok', tmp_path / 'out', 11, eval_fraction=0.25, progress=False)
+    assert manifest['dtype'] == 'uint32'
+    assert manifest['domains']['words'] == {'train': {'documents': 3, 'tokens': 66, 'sequences': 6},
+                                            'eval': {'documents': 1, 'tokens': 22, 'sequences': 2}}
+    rows = read_rows(tmp_path / 'out' / 'eval' / 'words')
+    assert all(r.dtype == np.uint32 for r in rows)
+    flat = np.concatenate(rows).tolist()
+    assert flat[0] == BOS and flat[-1] == EOS and flat[1:-1] in words and max(flat) > 65535
+
+
+def test_rerun_is_skipped_and_a_new_setting_is_redone(tmp_path, tok_dir, corpus, monkeypatch):
+    from transformers import AutoTokenizer
+    root, texts = corpus
+    out = tmp_path / 'out'
+    first = prepare(root, tok_dir, out, SEQ, eval_fraction=0.2, progress=False)
+    before = mtimes(out)
+
+    def no_tokenizer(*args, **kwargs):
+        raise AssertionError('a complete output must not be redone')
+    with monkeypatch.context() as m:
+        m.setattr(AutoTokenizer, 'from_pretrained', no_tokenizer)
+        start = time.perf_counter()
+        again = prepare(root, tok_dir, out, SEQ, eval_fraction=0.2, progress=False)
+        assert time.perf_counter() - start < 2
+    assert again == first and mtimes(out) == before
+
+    half = prepare(root, tok_dir, out, SEQ // 2, eval_fraction=0.2, progress=False)
+    assert half['fingerprint'] != first['fingerprint']
+    check_output(out, texts, half, seq=SEQ // 2)
+    for domain, splits in half['domains'].items():
+        for split, v in splits.items():
+            old = first['domains'][domain][split]
+            assert v['documents'] == old['documents'] and v['sequences'] >= 2 * old['sequences']
+
+    # a changed input file is noticed too
+    write_jsonl(root / 'beta' / 'part-0.jsonl.gz', docs('beta', range(21)))
+    more = prepare(root, tok_dir, out, SEQ // 2, eval_fraction=0.2, progress=False)
+    assert sum(v['documents'] for v in more['domains']['beta'].values()) == 21
+    check_output(out, texts | {'beta': [doc_text('beta', i) for i in range(21)]}, more, seq=SEQ // 2)
+
+
+def test_interrupted_run_is_redone(tmp_path, tok_dir, corpus, monkeypatch):
+    root, texts = corpus
+    out = tmp_path / 'out'
+    prepare(root, tok_dir, out, SEQ, eval_fraction=0.2, progress=False)
+
+    # a bad file in the third domain: the first two are rewritten, then the run stops
+    bad = write_jsonl(root / 'gamma' / 'z.jsonl', docs('gamma', [99]) + ['{"text": "cut off'])
+    with pytest.raises(ValueError, match=re.escape(f'{bad}:2')):
+        prepare(root, tok_dir, out, SEQ, eval_fraction=0.2, progress=False)
+    assert not (out / 'manifest.json').exists() and leftovers(out) == []
+
+    # killed while writing the third domain's shards: a partial temporary folder stays behind
+    bad.unlink()
+    from streaming import MDSWriter
+    write = MDSWriter.write
+
+    def dies_in_gamma(self, sample):
+        if '.gamma.tmp-' in self.local:
+            raise KeyboardInterrupt
+        return write(self, sample)
+    with monkeypatch.context() as m:
+        m.setattr(MDSWriter, 'write', dies_in_gamma)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(root, tok_dir, out, SEQ, eval_fraction=0.2, progress=False)
+    assert not (out / 'manifest.json').exists()
+    assert leftovers(out) == [f'train/.gamma.tmp-{os.getpid()}']
+    # as if another process had left it
+    os.rename(out / 'train' / f'.gamma.tmp-{os.getpid()}', out / 'train' / '.gamma.tmp-999999')
+
+    manifest = prepare(root, tok_dir, out, SEQ, eval_fraction=0.2, progress=False)
+    check_output(out, texts, manifest)
+    assert leftovers(out) == []
+
+
+def valid_domain(root, name, n=4):
+    return write_jsonl(root / name / 'ok.jsonl', docs(name, range(n)))
+
+
+def no_text(root):
+    return write_jsonl(root / 'gamma' / 'x.jsonl', docs('gamma', range(2)) + [{'title': 'no text'}]), ':3 has no'
+
+
+def text_not_string(root):
+    return write_jsonl(root / 'gamma' / 'x.jsonl', [{'text': 5}] + docs('gamma', range(2))), ':1 has no'
+
+
+def invalid_json(root):
+    return write_jsonl(root / 'gamma' / 'x.jsonl.gz', docs('gamma', range(1)) + ['{"text": "a"']), ':2 is not valid'
+
+
+def invalid_json_zst(root):
+    return write_jsonl(root / 'gamma' / 'x.jsonl.zst', ['[not json'] + docs('gamma', range(2))), ':1 is not valid'
+
+
+def no_files(root):
+    (root / 'gamma').mkdir()
+    (root / 'gamma' / 'notes.txt').write_text('{"text": "not a jsonl file"}\n')
+    return "'gamma'", 'has no .jsonl/.jsonl.gz/.jsonl.zst files'
+
+
+def single_document(root):
+    valid_domain(root, 'gamma', n=1)
+    return "'gamma' has 1 document", 'need 2+'
+
+
+def too_little_text(root):
+    write_jsonl(root / 'gamma' / 'x.jsonl', [{'text': 'tiny'}, {'text': 'also tiny'}])
+    return "'gamma' has too little text", 'of 32 tokens'
+
+
+@pytest.mark.parametrize('fault', [no_text, text_not_string, invalid_json, invalid_json_zst, no_files,
+                                   single_document, too_little_text])
+def test_errors_name_the_culprit(tmp_path, tok_dir, fault):
+    root = tmp_path / 'raw'
+    valid_domain(root, 'alpha')
+    valid_domain(root, 'beta')
+    parts = fault(root)
+    with pytest.raises(ValueError) as e:
+        prepare(root, tok_dir, tmp_path / 'out', SEQ, progress=False)
+    for part in parts:
+        assert str(part) in str(e.value)
+    assert not (tmp_path / 'out' / 'manifest.json').exists()
+
+
+def test_missing_or_empty_input(tmp_path, tok_dir):
+    with pytest.raises(FileNotFoundError, match=re.escape(f'input {tmp_path / "nowhere"} is not a folder')):
+        prepare(tmp_path / 'nowhere', tok_dir, tmp_path / 'out', SEQ, progress=False)
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(ValueError, match='no domain folders in'):
+        prepare(tmp_path / 'empty', tok_dir, tmp_path / 'out', SEQ, progress=False)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, '-m', 'composer_shear.cli', *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_prepare_data(tmp_path, tok_dir, corpus):
+    root, _ = corpus
+    out = tmp_path / 'out'
+    run = cli('prepare-data', '--input', root, '--tokenizer', tok_dir, '--out', out, '--max-seq-len', SEQ)
+    assert run.returncode == 0, run.stderr
+    manifest = json.loads((out / 'manifest.json').read_text())
+    assert manifest['eval_fraction'] == 0.1 and manifest['seed'] == 17
+    lines = run.stdout.splitlines()
+    for domain, splits in manifest['domains'].items():
+        assert f"{domain}: " + ', '.join(f"{s} {v['sequences']} seqs / {v['tokens']:,} tokens / {v['documents']} docs"
+                                         for s, v in splits.items()) in lines
+        assert sum(v['documents'] for v in splits.values()) == SIZES[domain]
+        assert splits['eval']['documents'] == round(0.1 * SIZES[domain])
+    assert lines[-1] == f'wrote {out} (uint16 tokens)'
+
+    bad = write_jsonl(root / 'beta' / 'extra.jsonl', docs('beta', [50]) + [{'txt': 'typo'}])
+    run = cli('prepare-data', '--input', root, '--tokenizer', tok_dir, '--out', out, '--max-seq-len', SEQ)
+    assert run.returncode == 2
+    assert f'composer-shear prepare-data: error: prepare-data: {bad}:2 has no string `text` field' in run.stderr
+    assert 'Traceback' not in run.stderr
+
+
+def test_reference_loss_matches_an_independent_computation(tmp_path):
+    from transformers import AutoModelForCausalLM
+    model_dir = save_tiny(tmp_path / 'model')
+    root = tmp_path / 'raw'
+    for name, n in SIZES.items():
+        valid_domain(root, name, n)
+    data = tmp_path / 'data'
+    manifest = prepare(root, model_dir, data, 16, eval_fraction=0.2, progress=False)
+
+    run = cli('reference-loss', '--model', model_dir, '--data', data, '--out', tmp_path / 'ref' / 'ref.json')
+    assert run.returncode == 0, run.stderr
+    result = json.loads((tmp_path / 'ref' / 'ref.json').read_text())
+    assert set(result['losses']) == set(SIZES) == set(result['tokens'])
+    assert not list((tmp_path / 'ref').glob('.*'))
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation='eager')
+    for domain in SIZES:
+        ids = torch.tensor(np.stack(read_rows(data / 'eval' / domain)).astype(np.int64))
+        assert ids.shape == (manifest['domains'][domain]['eval']['sequences'], 16)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits.double(), dim=-1)
+        nll = -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+        assert result['tokens'][domain] == nll.numel() == len(ids) * 15
+        assert abs(result['losses'][domain] - nll.mean().item()) < 1e-5
