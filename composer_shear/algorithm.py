@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
@@ -73,16 +74,22 @@ class ShearPruning(Algorithm):
         self.hooks: MaskedForward | None = None
         self.stats: dict = {}
         self._lag = None
+        self._microbatch = 0
 
     # Composer plumbing ---------------------------------------------------------------------------------
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.BEFORE_FORWARD, Event.AFTER_LOSS, Event.EVAL_START, Event.BATCH_END)
+        return event in (Event.INIT, Event.BATCH_START, Event.BEFORE_FORWARD, Event.AFTER_LOSS, Event.EVAL_START,
+                         Event.BATCH_END)
 
     def apply(self, event: Event, state: State, logger: Logger):
         if event == Event.INIT:
             self._attach(state)
+        elif event == Event.BATCH_START:
+            self._microbatch = 0
         elif event == Event.BEFORE_FORWARD:
-            z, self._lag, stats = self.masks(state)('sample', progress=self.progress(state))
+            z, self._lag, stats = self.masks(state)('sample', progress=self.progress(state),
+                                                    generator=self._noise(state))
+            self._microbatch += 1
             self.hooks.set(z)
             self.stats = stats
         elif event == Event.AFTER_LOSS:
@@ -99,6 +106,13 @@ class ShearPruning(Algorithm):
     @staticmethod
     def masks(state: State) -> ShearMasks:
         return getattr(unwrap(state.model), MASKS_ATTR)
+
+    def _noise(self, state: State) -> torch.Generator:
+        """The mask noise of this rank, step and microbatch: a function of them alone (not of a global RNG
+        stream), so a resumed run draws exactly the masks an uninterrupted run draws."""
+        from composer.utils import dist
+        key = [state.rank_zero_seed, dist.get_global_rank(), int(state.timestamp.batch), self._microbatch]
+        return torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1))
 
     def progress(self, state: State) -> float:
         """Fraction of the Lagrangian warm-up done."""

@@ -23,9 +23,11 @@ SHARPEN = 0.8
 _LOG_RATIO = math.log(-GAMMA / ZETA)
 
 
-def sample(log_alpha: torch.Tensor) -> torch.Tensor:
+def sample(log_alpha: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One training-time draw of the stretched, rectified hard-concrete gate, in [0, 1]."""
-    u = torch.empty_like(log_alpha).uniform_(EPS, 1 - EPS)
+    device = generator.device if generator is not None else log_alpha.device
+    u = torch.rand(log_alpha.shape, generator=generator, device=device, dtype=log_alpha.dtype)
+    u = (u * (1 - 2 * EPS) + EPS).to(log_alpha.device)
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
     return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
@@ -121,10 +123,11 @@ class ShearMasks(nn.Module):
         """Full (unsharded), detached CPU copies of everything, with the exact-target masks."""
         return self('snapshot')
 
-    def forward(self, mode: str = 'sample', progress: float | None = None):
+    def forward(self, mode: str = 'sample', progress: float | None = None, generator: torch.Generator | None = None):
         """mode: 'sample' (training draw), 'expected' (keep round(expected) per row),
         'target' (keep exactly the target per row), 'snapshot' (a MaskSnapshot). With `progress` in [0, 1]
-        (the Lagrangian warm-up), also returns the Lagrangian and detached statistics."""
+        (the Lagrangian warm-up), also returns the Lagrangian and detached statistics. `generator` drives the
+        sampling noise."""
         log_alpha = {s.name: self.log_alpha[s.name].float() for s in self.structures}
         if mode == 'snapshot':
             cpu = lambda t: t.detach().float().cpu().clone()  # noqa: E731  (a copy: FSDP frees unsharded params)
@@ -132,7 +135,7 @@ class ShearMasks(nn.Module):
                 self.source, self.target, {k: cpu(v) for k, v in log_alpha.items()}, cpu(self.lambdas),
                 {s.name: cpu(deterministic(log_alpha[s.name], s.target)) for s in self.structures})
         if mode == 'sample':
-            z = {k: sample(v) for k, v in log_alpha.items()}
+            z = {k: sample(v, generator) for k, v in log_alpha.items()}
         elif mode == 'expected':
             z = {k: deterministic(v, expected_keep(v)) for k, v in log_alpha.items()}
         elif mode == 'target':

@@ -18,14 +18,25 @@ pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).parent / 'train_dynamic.py'
 
 
-@pytest.mark.parametrize('mode', ['ddp', 'fsdp2'])
-def test_weights_identical_on_ranks_and_follow_the_rule(tmp_path, mode):
-    env = {**os.environ, **({'FSDP_VERSION': '2'} if mode == 'fsdp2' else {})}
-    cmd = [str(Path(sys.executable).with_name('composer')), '-n', '2', str(SCRIPT), str(tmp_path)]
-    if mode == 'fsdp2':
-        cmd.append('fsdp')
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+def launch(out, *args, env=None):
+    cmd = [str(Path(sys.executable).with_name('composer')), '-n', '2', str(SCRIPT), str(out), *args]
+    res = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+
+
+@pytest.fixture(scope='module')
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp('ddp')
+    launch(out)
+    return out
+
+
+@pytest.mark.parametrize('mode', ['ddp', 'fsdp2'])
+def test_weights_identical_on_ranks_and_follow_the_rule(ddp_run, tmp_path, mode):
+    if mode == 'fsdp2':
+        launch(tmp_path, 'fsdp', env={'FSDP_VERSION': '2'})
+    else:
+        tmp_path = ddp_run
     h0, h1 = (json.loads((tmp_path / f'history-rank{r}.json').read_text()) for r in (0, 1))
     assert h0 == h1 and len(h0) == 4
     weights = np.array([0.6, 0.3, 0.1])
@@ -33,3 +44,16 @@ def test_weights_identical_on_ranks_and_follow_the_rule(tmp_path, mode):
         weights = update_weights(weights, step['losses'], REFERENCE)
         np.testing.assert_allclose(step['weights'], weights, rtol=1e-12)
     assert abs(weights[0] - 0.6) > 0.05  # the mix moved
+
+
+@pytest.mark.parametrize('checkpoint', ['ep1-ba7', 'ep2-ba10'])  # mid-interval; interval boundary (after eval)
+def test_resume_gives_the_uninterrupted_run(ddp_run, checkpoint):
+    """Batches, per-domain eval losses and domain weights after resuming equal the uninterrupted run's."""
+    launch(ddp_run, f'resume={ddp_run / "ckpt" / (checkpoint + "-rank0.pt")}')
+    for r in (0, 1):
+        full = json.loads((ddp_run / f'history-rank{r}.json').read_text())
+        resumed = json.loads((ddp_run / f'resumed-{checkpoint}-rank{r}.json').read_text())
+        assert resumed == full
+        batches = json.loads((ddp_run / f'history-batches-rank{r}.json').read_text())
+        again = json.loads((ddp_run / f'resumed-{checkpoint}-batches-rank{r}.json').read_text())
+        assert again and all(batches[k] == v for k, v in again.items())

@@ -28,7 +28,7 @@ TAG = re.compile(r'<s>(\w+-\d{3}):')
 def doc_text(domain, i):
     """A unique, tagged document of 51..80 characters: longer than SEQ + tag, so the dropped tail of a split
     can never hold a whole document (or its tag), and every document can be traced in the output."""
-    return f'{domain}-{i:03d}: ' + 'lorem ipsum dolor sit amet consectetur adipiscing'[:40 + (7 * i) % 30]
+    return f'{domain}-{i:03d}: ' + ('lorem ipsum dolor sit amet ' * 3)[:40 + (7 * i) % 30]
 
 
 def encode(text):
@@ -58,14 +58,15 @@ def docs(domain, ids):
 
 @pytest.fixture
 def tok_dir(tmp_path):
-    return str(tiny_tokenizer().save_pretrained(tmp_path / 'tok') and tmp_path / 'tok')
+    tiny_tokenizer().save_pretrained(tmp_path / 'tok')
+    return str(tmp_path / 'tok')
 
 
 @pytest.fixture
 def corpus(tmp_path):
     """Three domains; returns (input root, {domain: texts in input order})."""
     root = tmp_path / 'raw'
-    write_jsonl(root / 'alpha' / 'a0.jsonl', docs('alpha', range(5))[:3] + [''] + docs('alpha', range(3, 5)))
+    write_jsonl(root / 'alpha' / 'a0.jsonl', docs('alpha', range(3)) + [''] + docs('alpha', range(3, 5)))
     write_jsonl(root / 'alpha' / 'more' / 'a1.jsonl', docs('alpha', range(5, 12)))
     (root / 'alpha' / 'README.md').write_text('not data\n')
     write_jsonl(root / 'beta' / 'part-0.jsonl.gz', docs('beta', range(20)))
@@ -142,7 +143,7 @@ def test_uint32_for_a_large_vocabulary(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token='<unk>', bos_token='<s>',
                             eos_token='</s>').save_pretrained(tmp_path / 'tok')
-    words = [[3 + (997 * (10 * d + j)) % 69997 for j in range(20)] for d in range(4)]
+    words = [[69999 - 20 * d - j for j in range(20)] for d in range(4)]  # ids above 65535
     write_jsonl(tmp_path / 'raw' / 'words' / 'w.jsonl', [{'text': ' '.join(f'w{i}' for i in ids)} for ids in words])
     manifest = prepare(tmp_path / 'raw', tmp_path / 'tok', tmp_path / 'out', 11, eval_fraction=0.25, progress=False)
     assert manifest['dtype'] == 'uint32'
@@ -239,6 +240,27 @@ def invalid_json_zst(root):
     return write_jsonl(root / 'gamma' / 'x.jsonl.zst', ['[not json'] + docs('gamma', range(2))), ':1 is not valid'
 
 
+def truncated_gzip(root):
+    path = root / 'gamma' / 'x.jsonl.gz'
+    write_jsonl(path, docs('gamma', range(50)))
+    path.write_bytes(path.read_bytes()[:-20])
+    return path, 'cannot read'
+
+
+def not_zstd(root):
+    path = root / 'gamma' / 'x.jsonl.zst'
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b'{"text": "a plain file named .zst"}\n')
+    return path, 'cannot read'
+
+
+def not_utf8(root):
+    path = root / 'gamma' / 'x.jsonl'
+    path.parent.mkdir(parents=True)
+    path.write_bytes(json.dumps({'text': doc_text('gamma', 0)}).encode() + b'\n{"text": "caf\xe9"}\n')
+    return path, 'cannot read'
+
+
 def no_files(root):
     (root / 'gamma').mkdir()
     (root / 'gamma' / 'notes.txt').write_text('{"text": "not a jsonl file"}\n')
@@ -255,8 +277,8 @@ def too_little_text(root):
     return "'gamma' has too little text", 'of 32 tokens'
 
 
-@pytest.mark.parametrize('fault', [no_text, text_not_string, invalid_json, invalid_json_zst, no_files,
-                                   single_document, too_little_text])
+@pytest.mark.parametrize('fault', [no_text, text_not_string, invalid_json, invalid_json_zst, truncated_gzip, not_zstd,
+                                   not_utf8, no_files, single_document, too_little_text])
 def test_errors_name_the_culprit(tmp_path, tok_dir, fault):
     root = tmp_path / 'raw'
     valid_domain(root, 'alpha')
@@ -269,12 +291,17 @@ def test_errors_name_the_culprit(tmp_path, tok_dir, fault):
     assert not (tmp_path / 'out' / 'manifest.json').exists()
 
 
-def test_missing_or_empty_input(tmp_path, tok_dir):
+def test_bad_input_folders(tmp_path, tok_dir):
     with pytest.raises(FileNotFoundError, match=re.escape(f'input {tmp_path / "nowhere"} is not a folder')):
         prepare(tmp_path / 'nowhere', tok_dir, tmp_path / 'out', SEQ, progress=False)
     (tmp_path / 'empty').mkdir()
     with pytest.raises(ValueError, match='no domain folders in'):
         prepare(tmp_path / 'empty', tok_dir, tmp_path / 'out', SEQ, progress=False)
+    # domain folders are named by their folder: two of the same name must not be merged silently
+    for parent in ('x', 'y'):
+        valid_domain(tmp_path / parent, 'web')
+    with pytest.raises(ValueError, match=re.escape("share the domain name(s) ['web']")):
+        prepare([tmp_path / 'x' / 'web', tmp_path / 'y' / 'web'], tok_dir, tmp_path / 'out', SEQ, progress=False)
 
 
 def cli(*args):
@@ -282,6 +309,7 @@ def cli(*args):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow  # two processes
 def test_cli_prepare_data(tmp_path, tok_dir, corpus):
     root, _ = corpus
     out = tmp_path / 'out'
@@ -300,10 +328,11 @@ def test_cli_prepare_data(tmp_path, tok_dir, corpus):
     bad = write_jsonl(root / 'beta' / 'extra.jsonl', docs('beta', [50]) + [{'txt': 'typo'}])
     run = cli('prepare-data', '--input', root, '--tokenizer', tok_dir, '--out', out, '--max-seq-len', SEQ)
     assert run.returncode == 2
-    assert f'composer-shear prepare-data: error: prepare-data: {bad}:2 has no string `text` field' in run.stderr
+    assert 'error:' in run.stderr and f'{bad}:2 has no string `text` field' in run.stderr
     assert 'Traceback' not in run.stderr
 
 
+@pytest.mark.slow  # a process
 def test_reference_loss_matches_an_independent_computation(tmp_path):
     from transformers import AutoModelForCausalLM
     model_dir = save_tiny(tmp_path / 'model')

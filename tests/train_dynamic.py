@@ -1,5 +1,5 @@
 """Pruning with dynamic batch loading and per-domain eval on a tiny model. Run with the launcher:
-`composer -n 2 tests/train_dynamic.py OUT_DIR` (add FSDP_VERSION=2 and `fsdp` as 2nd argument for FSDP2)."""
+`composer -n 2 tests/train_dynamic.py OUT_DIR [fsdp] [resume=CHECKPOINT]` (FSDP2 also needs FSDP_VERSION=2)."""
 
 import json
 import sys
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from composer import Evaluator, Trainer
+from composer import Callback, Evaluator, Trainer
+from composer.core import Event
 from composer.devices import DeviceCPU
 from composer.optim import DecoupledAdamW
 from composer.utils import dist
@@ -44,10 +45,25 @@ class EvalSet(StreamingDataset):
         return {'input_ids': torch.from_numpy(super().__getitem__(i)['tokens'].astype(np.int64)), 'domain': 0}
 
 
-def run(out, fsdp=False):
+class RecordBatches(Callback):
+    def __init__(self):
+        self.batches = {}
+
+    def after_dataloader(self, state, logger):
+        self.batches[int(state.timestamp.batch)] = state.batch['input_ids'][:, :3].tolist()
+        self.batches[f'rng{int(state.timestamp.batch)}'] = int(torch.random.get_rng_state().double().sum())
+
+
+def save_when(state, event):
+    """Checkpoints mid-interval (batch 7) and at an interval boundary (end of epoch 2, after its eval)."""
+    return ((event == Event.BATCH_CHECKPOINT and int(state.timestamp.batch) == 7)
+            or (event == Event.EPOCH_CHECKPOINT and int(state.timestamp.epoch) == 2))
+
+
+def run(out, fsdp=False, resume_from=None):
     out = Path(out)
     dist.initialize_dist(DeviceCPU())
-    if dist.get_local_rank() == 0:
+    if dist.get_local_rank() == 0 and resume_from is None:
         save_tiny(out / 'model')
         write_data(out / 'data')
     dist.barrier()
@@ -61,19 +77,26 @@ def run(out, fsdp=False):
     evals = [Evaluator(label=d, metric_names=['LanguageCrossEntropy'], dataloader=torch.utils.data.DataLoader(
         EvalSet(local=str(out / 'data' / 'eval' / d), batch_size=batch, shuffle=False), batch_size=batch,
         collate_fn=collate)) for d in DOMAINS]
+    record = RecordBatches()
     callback = DynamicLoading(DOMAINS, [0.6, 0.3, 0.1], dict(zip(DOMAINS, REFERENCE, strict=True)))
     trainer = Trainer(
         model=model, optimizers=DecoupledAdamW(model.parameters(), lr=1e-3, weight_decay=0.0),
         train_dataloader=train, eval_dataloader=evals, eval_interval='1ep', max_duration='4ep',
-        algorithms=[ShearPruning(target=TARGET, lagrangian_warmup='10ba')], callbacks=[callback], device='cpu',
+        algorithms=[ShearPruning(target=TARGET, lagrangian_warmup='10ba')], callbacks=[callback, record],
+        device='cpu',
         precision='fp32', seed=17, progress_bar=False, log_to_console=False, device_train_microbatch_size=batch,
-        parallelism_config={'fsdp': {}} if fsdp else None, run_name='dyn', save_folder=str(out / 'ckpt'),
-        save_interval='2ep')
+        parallelism_config={'fsdp': {}} if fsdp else None, run_name='dyn',
+        save_folder=str(out / 'ckpt') if resume_from is None else None, save_interval=save_when,
+        load_path=resume_from)
     trainer.fit()
     rank = dist.get_global_rank()
-    (out / f'history-rank{rank}.json').write_text(json.dumps(callback.history))
+    name = 'history' if resume_from is None else 'resumed-' + Path(resume_from).name.split('-rank')[0]
+    (out / f'{name}-rank{rank}.json').write_text(json.dumps(callback.history))
+    (out / f'{name}-batches-rank{rank}.json').write_text(json.dumps(record.batches))
     trainer.close()
 
 
 if __name__ == '__main__':
-    run(sys.argv[1], fsdp=len(sys.argv) > 2 and sys.argv[2] == 'fsdp')
+    args = sys.argv[2:]
+    resume = next((a.split('=', 1)[1] for a in args if a.startswith('resume=')), None)
+    run(sys.argv[1], fsdp='fsdp' in args, resume_from=resume)

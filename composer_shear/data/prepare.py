@@ -40,6 +40,9 @@ def find_domains(inputs) -> dict[str, Path]:
         domains = {d.name: d for d in sorted(inputs[0].iterdir()) if d.is_dir()}
     else:
         domains = {p.name: p for p in inputs}
+        if len(domains) < len(inputs):  # the domain name is the folder's name: two would be merged silently
+            twice = sorted({p.name for p in inputs if [q.name for q in inputs].count(p.name) > 1})
+            raise ValueError(f'prepare-data: input folders share the domain name(s) {twice}')
     if not domains:
         raise ValueError(f'prepare-data: no domain folders in {inputs[0]}')
     for name, folder in domains.items():
@@ -54,24 +57,30 @@ def domain_files_shallow(folder: Path) -> bool:
 
 def read_texts(path: Path):
     """Yield the `text` of every line; a clear error names the file and line otherwise."""
+    errors = (OSError, EOFError, UnicodeDecodeError)  # corrupt or truncated files: name them, no traceback
     if path.name.endswith('.gz'):
         stream = io.TextIOWrapper(gzip.open(path, 'rb'), encoding='utf-8')
     elif path.name.endswith('.zst'):
         import zstandard
+        errors += (zstandard.ZstdError,)
         stream = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, 'rb')), encoding='utf-8')
     else:
         stream = open(path, encoding='utf-8')
-    with stream:
-        for n, line in enumerate(stream, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f'prepare-data: {path}:{n} is not valid JSON ({e.msg})') from e
-            if not isinstance(obj, dict) or not isinstance(obj.get('text'), str):
-                raise ValueError(f'prepare-data: {path}:{n} has no string `text` field')
-            yield obj['text']
+    n = 0
+    try:
+        with stream:
+            for n, line in enumerate(stream, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f'prepare-data: {path}:{n} is not valid JSON ({e.msg})') from e
+                if not isinstance(obj, dict) or not isinstance(obj.get('text'), str):
+                    raise ValueError(f'prepare-data: {path}:{n} has no string `text` field')
+                yield obj['text']
+    except errors as e:
+        raise ValueError(f'prepare-data: cannot read {path} after line {n} ({e})') from e
 
 
 def fingerprint(domains: dict[str, Path], tokenizer_dir, max_seq_len, eval_fraction, seed) -> str:
@@ -125,6 +134,12 @@ def prepare(inputs, tokenizer_dir, out, max_seq_len: int, eval_fraction: float =
     suffix = [tok.eos_token_id] if tok.eos_token_id is not None else []
     out.mkdir(parents=True, exist_ok=True)
     manifest_path.unlink(missing_ok=True)
+    # temporary files of an interrupted run (of any process) are never renamed: remove them
+    for stale in [*out.glob(f'.{MANIFEST}.tmp-*'), *(p for s in ('train', 'eval') for p in (out / s).glob('.*.tmp-*'))]:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     manifest = {'fingerprint': key, 'tokenizer': str(tokenizer_dir), 'max_seq_len': max_seq_len,
                 'dtype': dtype, 'eval_fraction': eval_fraction, 'seed': seed, 'domains': {}}
     for name, folder in tqdm(domains.items(), desc='domains', disable=not progress):

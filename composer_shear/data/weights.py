@@ -22,7 +22,7 @@ def check_proportions(proportions, domains, name='initial_proportions') -> np.nd
         raise ValueError(f'{name} must be finite and non-negative, got {p.tolist()}')
     if abs(p.sum() - 1.0) > 1e-6:
         raise ValueError(f'{name} must sum to 1 (+-1e-6), got {p.sum():.8f}')
-    return p / p.sum()
+    return p  # as given (not renormalized), so checkpointed weights round-trip bit for bit
 
 
 def update_weights(weights, losses, reference, update_type='doremi', clip_negative_excess=True,
