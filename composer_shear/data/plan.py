@@ -39,27 +39,43 @@ class Cursor:
         return {'passes': list(map(int, self.passes)), 'offsets': list(map(int, self.offsets))}
 
 
-def permutation(seed: int, domain: int, pass_: int, size: int) -> np.ndarray:
-    return np.random.default_rng([seed, domain, pass_]).permutation(size)
+def permutation(seed: int, domain: int, pass_: int, size: int, cache: dict | None = None) -> np.ndarray:
+    """The reading order of one pass over a domain. `cache` (kept by persistent workers) holds the current pass
+    of each domain, so a permutation is built once per pass rather than once per interval."""
+    if cache is not None and cache.get(domain, (None,))[0] == (seed, pass_, size):
+        return cache[domain][1]
+    perm = np.random.default_rng([seed, domain, pass_]).permutation(size)
+    if cache is not None:
+        cache[domain] = ((seed, pass_, size), perm)
+    return perm
 
 
-def take(cursor: Cursor, counts, sizes, seed: int) -> tuple[list[np.ndarray], Cursor, list[int]]:
-    """The next `counts[d]` local sample indices of every domain, the cursor after them, and the domains that
-    ran out (and were reshuffled) on the way."""
-    out, passes, offsets, wrapped = [], list(cursor.passes), list(cursor.offsets), []
+def advance(cursor: Cursor, counts, sizes) -> tuple[Cursor, list[int]]:
+    """The cursor after reading `counts[d]` samples of every domain, and the domains that ran out on the way."""
+    passes, offsets, wrapped = list(cursor.passes), list(cursor.offsets), []
     for d, (n, size) in enumerate(zip(counts, sizes, strict=True)):
-        parts = []
+        total = offsets[d] + int(n)
+        if total >= size:
+            wrapped.append(d)
+        passes[d] += total // size
+        offsets[d] = total % size
+    return Cursor(passes, offsets), wrapped
+
+
+def take(cursor: Cursor, counts, sizes, seed: int, cache: dict | None = None) -> list[np.ndarray]:
+    """The next `counts[d]` local sample indices of every domain; a domain that runs out is reshuffled (its next
+    pass) and read again."""
+    out = []
+    for d, (n, size) in enumerate(zip(counts, sizes, strict=True)):
+        pass_, offset, parts = cursor.passes[d], cursor.offsets[d], []
         while n > 0:
-            perm = permutation(seed, d, passes[d], size)
-            step = min(n, size - offsets[d])
-            parts.append(perm[offsets[d]:offsets[d] + step])
-            offsets[d] += int(step)
-            n -= step
-            if offsets[d] == size:
-                passes[d], offsets[d] = passes[d] + 1, 0
-                wrapped.append(d)
+            step = min(n, size - offset)
+            parts.append(permutation(seed, d, pass_, size, cache)[offset:offset + step])
+            n, offset = n - step, offset + step
+            if offset == size:
+                pass_, offset = pass_ + 1, 0
         out.append(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
-    return out, Cursor(passes, offsets), wrapped
+    return out
 
 
 @dataclass
@@ -84,13 +100,13 @@ class Plan:
 
 def make_plan(epoch: int, proportions, start: Cursor, total: int, sizes, seed: int, skip: int = 0) -> tuple[Plan, list]:
     counts = quota(proportions, total)
-    _, end, wrapped = take(start, counts, sizes, seed)
+    end, wrapped = advance(start, counts, sizes)
     return Plan(epoch, list(proportions), start, end, counts.tolist(), skip), wrapped
 
 
-def interval_samples(plan: Plan, sizes, seed: int) -> np.ndarray:
+def interval_samples(plan: Plan, sizes, seed: int, cache: dict | None = None) -> np.ndarray:
     """Global (domain, local index) pairs of the whole interval, in a seeded random order: shape [total, 2]."""
-    picks, _, _ = take(plan.start, plan.counts, sizes, seed)
+    picks = take(plan.start, plan.counts, sizes, seed, cache)
     pairs = np.concatenate([np.stack([np.full(len(p), d), p], 1) for d, p in enumerate(picks)] or
                            [np.zeros((0, 2), dtype=np.int64)])
     order = np.random.default_rng([seed, 1_000_003, plan.epoch]).permutation(len(pairs))
