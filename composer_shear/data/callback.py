@@ -10,7 +10,7 @@ import numpy as np
 from composer.core import Callback, State
 from composer.loggers import Logger
 
-from composer_shear.data.weights import UPDATE_TYPES, check_proportions, update_weights
+from composer_shear.data.weights import UPDATE_TYPES, check_proportions, per_domain, update_weights
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,7 @@ def read_reference(reference, domains) -> np.ndarray:
                                  'nor an existing JSON file')
             reference = json.loads(path.read_text())
             reference = reference.get('losses', reference)
-    if isinstance(reference, dict):
-        missing, extra = sorted(set(domains) - set(reference)), sorted(set(reference) - set(domains))
-        if missing or extra:
-            raise ValueError(f'{name}: its domains differ from the streams: missing {missing}, unknown {extra}')
-        reference = [reference[d] for d in domains]
-    ref = np.asarray(reference, dtype=np.float64)
+    ref = np.asarray(per_domain(reference, domains, name), dtype=np.float64)
     if ref.shape != (len(domains),):
         raise ValueError(f'{name} has {ref.size} values for {len(domains)} domains {list(domains)}')
     return ref

@@ -7,15 +7,19 @@ import numpy as np
 UPDATE_TYPES = ('doremi', 'constant')
 
 
+def per_domain(values, domains, name) -> list:
+    """A list in domain order from a list or a dict keyed by domain (whose keys must be exactly the domains)."""
+    if not isinstance(values, dict):
+        return values
+    missing, extra = sorted(set(domains) - set(values)), sorted(set(values) - set(domains))
+    if missing or extra:
+        raise ValueError(f'{name}: its domains differ from the streams: missing {missing}, unknown {extra}')
+    return [values[d] for d in domains]
+
+
 def check_proportions(proportions, domains, name='initial_proportions') -> np.ndarray:
     """Proportions as a float64 array, one per domain, non-negative and summing to 1 (+- 1e-6)."""
-    if isinstance(proportions, dict):
-        missing = sorted(set(domains) - set(proportions))
-        extra = sorted(set(proportions) - set(domains))
-        if missing or extra:
-            raise ValueError(f'{name}: domains {missing} missing, {extra} unknown (domains are {list(domains)})')
-        proportions = [proportions[d] for d in domains]
-    p = np.asarray(proportions, dtype=np.float64)
+    p = np.asarray(per_domain(proportions, domains, name), dtype=np.float64)
     if p.shape != (len(domains),):
         raise ValueError(f'{name} has {p.size} values for {len(domains)} domains {list(domains)}')
     if (p < 0).any() or not np.isfinite(p).all():
