@@ -24,8 +24,10 @@ def write_mds(folder, n=64, seq=32, vocab=96):
             w.write({'tokens': (3 + (start + step * np.arange(seq)) % (vocab - 3)).astype(np.int32)})
 
 
-def train(tmp_path, *overrides):
-    cmd = [sys.executable, str(ROOT / 'train.py'), str(ROOT / 'yamls' / 'tiny_prune.yaml'),
+def train(tmp_path, *overrides, launcher='train.py'):
+    entry = [sys.executable, str(ROOT / 'train.py')] if launcher == 'train.py' else \
+        [str(Path(sys.executable).with_name('llmfoundry')), 'train']
+    cmd = [*entry, str(ROOT / 'yamls' / 'tiny_prune.yaml'),
            f'variables.model_dir={tmp_path / "model"}', f'variables.data_local={tmp_path / "data"}',
            f'save_folder={tmp_path / "ckpt"}', *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -39,13 +41,15 @@ def workdir(tmp_path_factory):
     return tmp
 
 
-def test_llmfoundry_yaml_prunes_and_exports(workdir):
-    res = train(workdir)
+@pytest.mark.parametrize('launcher', ['train.py', 'llmfoundry'])
+def test_llmfoundry_yaml_prunes_and_exports(workdir, launcher):
+    """`python train.py` and llm-foundry's own `llmfoundry train` CLI: our parts come in through entry points."""
+    res = train(workdir, launcher=launcher)
     assert res.returncode == 0, res.stderr[-4000:]
     assert 'loss/train/lag' in res.stdout + res.stderr
     report = json.loads((workdir / 'ckpt' / 'pruning' / 'ba40' / 'shape_report.json').read_text())
     assert report['deterministic']['hidden_size'] == 48
-    out = workdir / 'export'
+    out = workdir / f'export-{launcher}'
     res = subprocess.run([sys.executable, '-m', 'composer_shear.cli', 'export', '--checkpoint',
                           str(workdir / 'ckpt' / 'latest-rank0.pt'), '--out', str(out)],
                          capture_output=True, text=True, timeout=300)
