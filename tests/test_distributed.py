@@ -52,17 +52,18 @@ def test_ddp(tmp_path):
     export(tmp_path / 'ckpt' / 'latest-rank0.pt', tmp_path / 'export')
 
 
-def test_fsdp2_sharded_checkpoint(tmp_path):
-    launch(tmp_path, {'FSDP_VERSION': '2', 'STATE_DICT_TYPE': 'sharded'}, 'fsdp=true')
-    same_on_both_ranks(tmp_path)
-    ckpt = tmp_path / 'ckpt' / 'ep0-ba12'
-    assert (ckpt / '.metadata').exists()
-    a = export(ckpt, tmp_path / 'export', '--source', str(tmp_path / 'source'))
-    assert (tmp_path / 'export' / 'tokenizer.json').exists()
-    # the sharded checkpoint's masks are the ones the ranks ended with
-    from safetensors.torch import load_file
-    z = load_file(tmp_path / 'export' / 'masks.safetensors')
-    final = torch.load(tmp_path / 'masks-rank0.pt')
-    for k, v in final['log_alpha'].items():
-        torch.testing.assert_close(z[f'log_alpha.{k}'], v)
-    assert sum(p.numel() for p in a.parameters()) > 0
+def test_fsdp2_sharded_and_whole_checkpoints_export_the_same_model(tmp_path):
+    models = {}
+    for kind in ('sharded', 'full'):
+        out = tmp_path / kind
+        launch(out, {'FSDP_VERSION': '2', 'STATE_DICT_TYPE': kind}, 'fsdp=true')
+        same_on_both_ranks(out)
+        ckpt = out / 'ckpt' / ('ep0-ba12' if kind == 'sharded' else 'ep0-ba12-rank0.pt')
+        if kind == 'sharded':
+            assert (ckpt / '.metadata').exists()
+        models[kind] = export(ckpt, out / 'export', '--source', str(out / 'source'))
+        assert (out / 'export' / 'tokenizer.json').exists()
+    sharded, whole = (models[k].state_dict() for k in ('sharded', 'full'))
+    assert sharded.keys() == whole.keys()
+    for k in sharded:
+        assert torch.equal(sharded[k], whole[k]), k
