@@ -67,3 +67,36 @@ def test_fsdp2_sharded_and_whole_checkpoints_export_the_same_model(tmp_path):
     assert sharded.keys() == whole.keys()
     for k in sharded:
         assert torch.equal(sharded[k], whole[k]), k
+
+
+def test_sigkill_and_autoresume_is_bit_exact(tmp_path):
+    """A 2-rank pruning run killed with SIGKILL mid-run and restarted with autoresume ends with exactly the
+    losses, masks and multipliers of an uninterrupted run (fp32, CPU)."""
+    import json
+    import signal
+    import time
+    args = ['steps=14', 'save_interval=2ba', 'eval_interval=7ba', 'warmup=6ba', 'autoresume=true']
+    launch(tmp_path / 'full', {}, *args)
+    composer = Path(sys.executable).with_name('composer')
+    cmd = [str(composer), '-n', '2', str(SCRIPT), str(tmp_path / 'killed'), *args]
+    proc = subprocess.Popen([*cmd, 'sleep=0.5'], start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (tmp_path / 'killed' / 'ckpt' / 'ep0-ba6-rank0.pt').exists():
+        assert proc.poll() is None and time.time() < deadline, 'the run ended before it could be killed'
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / 'killed' / 'masks-rank0.pt').exists()  # it really died mid-run
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-5000:]
+    for r in (0, 1):
+        full = torch.load(tmp_path / 'full' / f'masks-rank{r}.pt')
+        resumed = torch.load(tmp_path / 'killed' / f'masks-rank{r}.pt')
+        for k in full['log_alpha']:
+            assert torch.equal(full['log_alpha'][k], resumed['log_alpha'][k]), k
+        assert torch.equal(full['lambdas'], resumed['lambdas'])
+        before = json.loads((tmp_path / 'full' / f'losses-rank{r}.json').read_text())
+        after = json.loads((tmp_path / 'killed' / f'losses-rank{r}.json').read_text())
+        assert after and min(map(int, after)) >= 6  # the restart began at a checkpoint, not from scratch
+        assert all(before[k] == v for k, v in after.items())

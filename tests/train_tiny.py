@@ -4,10 +4,11 @@
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
-from composer import Evaluator, Trainer
+from composer import Callback, Evaluator, Trainer
 from composer.devices import DeviceCPU
 from composer.optim import CosineAnnealingScheduler, DecoupledAdamW
 from composer.utils import dist
@@ -42,13 +43,26 @@ class Tokens(Dataset):
         return {'input_ids': ids, 'attention_mask': torch.ones_like(ids), 'labels': ids.clone()}
 
 
+class LossLog(Callback):
+    """Records every step's losses; optionally sleeps after each step (to leave time to kill the run)."""
+
+    def __init__(self, sleep=0.0):
+        self.losses, self.sleep = {}, sleep
+
+    def after_train_batch(self, state, logger):
+        self.losses[int(state.timestamp.batch)] = {k: float(v) for k, v in state.loss.items()}
+
+    def batch_end(self, state, logger):
+        time.sleep(self.sleep)
+
+
 def loader(ds, batch):
     return DataLoader(ds, batch_size=batch, sampler=dist.get_sampler(ds, shuffle=False), drop_last=True)
 
 
 def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_interval='40ba', autoresume=False,
         model_dir=None, load_path=None, batch=4, target=None, modules=None, eval_interval='40ba', schedule='cosine',
-        loggers=()):
+        loggers=(), sleep=0.0):
     out = Path(out)
     dist.initialize_dist(DeviceCPU())
     if model_dir is None:
@@ -64,12 +78,14 @@ def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_i
                         **({'pruning_modules': modules} if modules else {}))
     parallelism = {'fsdp': {'state_dict_type': os.environ.get('STATE_DICT_TYPE', 'full')}} if fsdp else None
     vocab = model.model.config.vocab_size
+    losses = LossLog(sleep)
     trainer = Trainer(
         model=model, optimizers=opt, train_dataloader=loader(Tokens(256, 32, vocab), batch),
         eval_dataloader=Evaluator(label='eval', dataloader=loader(Tokens(16, 32, vocab, seed=1), batch),
                                   metric_names=['LanguageCrossEntropy']), eval_interval=eval_interval,
-        max_duration=f'{steps}ba', algorithms=[algo], callbacks=[PruningMonitor()], device='cpu',
-        precision='fp32', save_folder=str(out / 'ckpt'), save_interval=save_interval, save_overwrite=True,
+        max_duration=f'{steps}ba', algorithms=[algo], callbacks=[PruningMonitor(), losses],
+        device='cpu',
+        precision='fp32', save_folder=str(out / 'ckpt'), save_interval=save_interval, save_overwrite=not autoresume,
         save_latest_filename='latest-rank{rank}.pt', run_name='tiny', autoresume=autoresume, load_path=load_path,
         parallelism_config=parallelism, seed=17, progress_bar=False, log_to_console=False,
         loggers=list(loggers), device_train_microbatch_size=batch // 2,
@@ -80,6 +96,7 @@ def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_i
     rank = dist.get_global_rank()
     torch.save({'log_alpha': snap.log_alpha, 'lambdas': snap.lambdas, 'stats': algo.stats},
                out / f'masks-rank{rank}.pt')
+    (out / f'losses-rank{rank}.json').write_text(json.dumps(losses.losses))
     trainer.close()
     return algo, snap
 
