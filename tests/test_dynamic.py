@@ -162,3 +162,24 @@ def test_warns_when_data_is_too_small(data, caplog):
     assert len(messages) == 1
     assert messages[0].startswith('c: ~2,000 samples wanted') and '1,500 available' in messages[0]
     assert 'too small' in caplog.text
+
+
+def test_resume_from_the_last_batch_before_the_interval_ends(data):
+    """Composer checkpoints the last batch of an interval (BATCH_CHECKPOINT) before EPOCH_END and its eval:
+    the resumed loader must finish that (empty) interval first, so the re-weighting still happens in between."""
+    epoch_size = 400
+    ref = loader(data, [0.5, 0.3, 0.2], epoch_size=epoch_size)
+    samples(ref)
+    ref.dataset.set_proportions([0.2, 0.2, 0.6])
+    expected = samples(ref)
+    first = loader(data, [0.5, 0.3, 0.2], epoch_size=epoch_size)
+    samples(first)
+    state = first.dataset.state_dict(num_samples=epoch_size, from_beginning=True)
+    resumed = loader(data, [0.9, 0.05, 0.05], epoch_size=epoch_size)
+    resumed.dataset.load_state_dict(state)
+    assert resumed.dataset.state_dict(0) == state  # saving again before iterating keeps the position
+    assert samples(resumed) == []  # the rest of the interval: nothing
+    resumed.dataset.set_proportions([0.2, 0.2, 0.6])  # the eval at the interval's end
+    assert samples(resumed) == expected
+    with pytest.raises(ValueError, match='epoch_size 402 must be a positive multiple'):
+        loader(data, [0.5, 0.3, 0.2], epoch_size=402)

@@ -7,19 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from composer import Callback, Evaluator, Trainer
+from composer import Callback, Trainer
 from composer.core import Event
 from composer.devices import DeviceCPU
 from composer.optim import DecoupledAdamW
 from composer.utils import dist
 from llmfoundry.models.hf import ComposerHFCausalLM
-from streaming import MDSWriter, StreamingDataset
+from streaming import MDSWriter
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from composer_shear.algorithm import ShearPruning  # noqa: E402
 from composer_shear.data.callback import DynamicLoading  # noqa: E402
-from composer_shear.data.dynamic import build_dynamic_text_dataloader, collate  # noqa: E402
+from composer_shear.data.dynamic import build_dynamic_text_dataloader, domain_evaluators  # noqa: E402
 
 from tiny import save_tiny  # noqa: E402
 from train_tiny import TARGET  # noqa: E402
@@ -38,11 +38,6 @@ def write_data(root):
                 for _ in range(n):
                     start = rng.integers(3, VOCAB)
                     w.write({'tokens': (3 + (start + (d + 1) * np.arange(SEQ)) % (VOCAB - 3)).astype(np.uint16)})
-
-
-class EvalSet(StreamingDataset):
-    def __getitem__(self, i):
-        return {'input_ids': torch.from_numpy(super().__getitem__(i)['tokens'].astype(np.int64)), 'domain': 0}
 
 
 class RecordBatches(Callback):
@@ -74,9 +69,7 @@ def run(out, fsdp=False, resume_from=None):
     train = build_dynamic_text_dataloader(
         tok, batch, dict(local=str(out / 'data'), domains=DOMAINS, proportions=[0.6, 0.3, 0.1],
                          epoch_size=5 * batch * dist.get_world_size(), max_seq_len=SEQ), num_workers=2)
-    evals = [Evaluator(label=d, metric_names=['LanguageCrossEntropy'], dataloader=torch.utils.data.DataLoader(
-        EvalSet(local=str(out / 'data' / 'eval' / d), batch_size=batch, shuffle=False), batch_size=batch,
-        collate_fn=collate)) for d in DOMAINS]
+    evals = domain_evaluators(str(out / 'data'), DOMAINS, batch, SEQ)
     record = RecordBatches()
     callback = DynamicLoading(DOMAINS, [0.6, 0.3, 0.1], dict(zip(DOMAINS, REFERENCE, strict=True)))
     trainer = Trainer(

@@ -98,9 +98,10 @@ class DynamicStreamingDataset(IterableDataset):
         self.world = dist.get_world_size() if world_size is None else world_size
         self.batch = int(device_batch_size)
         self.epoch_size = int(epoch_size)
-        if self.epoch_size < self.world * self.batch:
-            raise ValueError(f'dynamic_text: epoch_size {self.epoch_size} is smaller than one global batch '
-                             f'({self.world} x {self.batch})')
+        if self.epoch_size < self.world * self.batch or self.epoch_size % (self.world * self.batch):
+            raise ValueError(f'dynamic_text: dataset.epoch_size {self.epoch_size} must be a positive multiple of '
+                             f'the global batch ({self.world} ranks x {self.batch}); use interval batches x '
+                             'global batch size')
         self._dir = _scratch_dir()
         self.plan: Plan | None = None
         self._next_epoch, self._next_cursor, self._next_skip = 0, Cursor.start(len(self.domains)), 0
@@ -133,12 +134,15 @@ class DynamicStreamingDataset(IterableDataset):
 
     def state_dict(self, num_samples: int = 0, from_beginning: bool = True) -> dict:
         """Resume state: interval, global samples consumed in it, cursors at its start, proportions."""
-        consumed = self.plan is not None and (num_samples == 0 or num_samples >= len(self) * self.world)
-        if self.plan is None or consumed:
-            epoch = self._next_epoch if self.plan is None else self.plan.epoch + 1
-            cursor = self._next_cursor if self.plan is None else self.plan.end
-            return {'epoch': epoch, 'sample_in_epoch': 0, 'cursor': cursor.to_dict(),
+        if self.plan is None:  # nothing iterated since construction or a resume
+            pinned = self.proportions if self._pinned is None else self._pinned
+            return {'epoch': self._next_epoch, 'sample_in_epoch': self._next_skip,
+                    'cursor': self._next_cursor.to_dict(), 'proportions': [float(x) for x in pinned]}
+        if num_samples == 0:  # Composer has moved past the interval's end (EPOCH_CHECKPOINT)
+            return {'epoch': self.plan.epoch + 1, 'sample_in_epoch': 0, 'cursor': self.plan.end.to_dict(),
                     'proportions': self.proportions.tolist()}
+        # mid-interval, or its last batch before Composer's EPOCH_END: resume inside the interval (its eval and
+        # re-weighting still to come)
         return {'epoch': self.plan.epoch, 'sample_in_epoch': int(num_samples), 'cursor': self.plan.start.to_dict(),
                 'proportions': [float(x) for x in self.plan.proportions]}
 
@@ -207,3 +211,29 @@ def build_dynamic_text_dataloader(tokenizer, device_batch_size: int, dataset: di
                            prefetch_factor=prefetch_factor if num_workers else None,
                            persistent_workers=persistent_workers and num_workers > 0, timeout=timeout)
     return DataSpec(loader, get_num_tokens_in_batch=lambda b: int(b['attention_mask'].sum()))
+
+
+class DomainEvalSet(IterableDataset):
+    """One domain's eval split (`{local}/eval/{domain}`), partitioned over ranks by streaming."""
+
+    def __init__(self, local: str, domain: str, batch_size: int, max_seq_len: int, domain_id: int = 0):
+        from streaming import StreamingDataset
+        check_local_split(os.path.join(local, 'eval', domain), domain)
+        self.store = StreamingDataset(local=os.path.join(local, 'eval', domain), batch_size=batch_size, shuffle=False)
+        self.max_seq_len, self.domain_id = max_seq_len, domain_id
+
+    def __len__(self) -> int:
+        return len(self.store)  # this rank's share
+
+    def __iter__(self):
+        for s in self.store:
+            ids = np.asarray(s['tokens'][:self.max_seq_len]).astype(np.int64)
+            yield {'input_ids': torch.from_numpy(ids), 'domain': self.domain_id}
+
+
+def domain_evaluators(local: str, domains, batch_size: int, max_seq_len: int):
+    """Composer Evaluators labelled with the domain names (what `dynamic_loading` reads), LanguageCrossEntropy."""
+    from composer.core import Evaluator
+    return [Evaluator(label=d, metric_names=['LanguageCrossEntropy'], dataloader=DataLoader(
+        DomainEvalSet(local, d, batch_size, max_seq_len, i), batch_size=batch_size, collate_fn=collate))
+        for i, d in enumerate(domains)]
