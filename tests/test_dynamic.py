@@ -183,3 +183,22 @@ def test_resume_from_the_last_batch_before_the_interval_ends(data):
     assert samples(resumed) == expected
     with pytest.raises(ValueError, match='epoch_size 402 must be a positive multiple'):
         loader(data, [0.5, 0.3, 0.2], epoch_size=402)
+
+
+def test_callback_domains_must_match_the_loader(data, tmp_path):
+    """A YAML whose dynamic_loading domains differ from the data's fails at FIT_START, before any step."""
+    from composer import Trainer
+    from llmfoundry.models.hf import ComposerHFCausalLM
+    from transformers import AutoTokenizer
+
+    from tiny import save_tiny
+    save_tiny(tmp_path / 'model')
+    tok = AutoTokenizer.from_pretrained(tmp_path / 'model')
+    model = ComposerHFCausalLM(tok, pretrained_model_name_or_path=str(tmp_path / 'model'), pretrained=True,
+                               use_train_metrics=False)
+    trainer = Trainer(model=model, train_dataloader=loader(data, [0.5, 0.3, 0.2], epoch_size=400, workers=0),
+                      max_duration='2ba', device='cpu', progress_bar=False,
+                      callbacks=[DynamicLoading(['a', 'b', 'x'], [0.5, 0.3, 0.2], [1.0, 1.0, 1.0])])
+    with pytest.raises(ValueError, match=r"dynamic_loading.domains \['a', 'b', 'x'\] differ from the train loader"):
+        trainer.fit()
+    assert int(trainer.state.timestamp.batch) == 0
