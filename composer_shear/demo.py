@@ -173,8 +173,11 @@ def main(argv=None) -> int:
     if final_dir.exists():
         import shutil
         shutil.rmtree(final_dir)
-    from composer.models import HuggingFaceModel
-    model, _ = HuggingFaceModel.hf_from_composer_checkpoint(str(out / 'continue' / 'latest-rank0.pt'))
+    from composer_shear.export import read_checkpoint
+    weights, _ = read_checkpoint(out / 'continue' / 'latest-rank0.pt')
+    model = AutoModelForCausalLM.from_pretrained(pruned_dir, torch_dtype=torch.float32)
+    model.load_state_dict({k.removeprefix('model.'): v for k, v in weights.items()}, strict=True)
+    model.tie_weights()
     model.save_pretrained(final_dir)
     tok.save_pretrained(final_dir)
 
