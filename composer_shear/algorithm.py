@@ -163,11 +163,10 @@ class ShearPruning(Algorithm):
         if self._lag is None:
             return
         loss = state.loss
-        ce = loss['total'] if isinstance(loss, dict) else loss
-        if isinstance(loss, dict):
-            extra = {k: v for k, v in loss.items() if k != 'total'}
+        if isinstance(loss, dict):  # another algorithm already split the loss
+            ce, extra = loss['total'], {k: v for k, v in loss.items() if k != 'total'}
         else:
-            extra = {'ce': ce}
+            ce, extra = loss, {'ce': loss}
         state.loss = {**extra, 'lag': self._lag, 'total': ce + self._lag}
         self._lag = None
 

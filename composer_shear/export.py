@@ -82,7 +82,7 @@ def masks_from_state(source: ModelShape, mask_sd: dict) -> ShearMasks:
                'intermediate': 'intermediate'}
     target = target_from_buffer(source, mask_sd['target_shape'])
     masks = ShearMasks(source, target, {modules[n] for n in names})
-    masks.load_state_dict({k: v for k, v in mask_sd.items()}, strict=True)
+    masks.load_state_dict(mask_sd, strict=True)
     return masks
 
 

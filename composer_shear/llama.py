@@ -64,7 +64,6 @@ class MaskedForward:
         if z is None:
             self.z = None
             return
-        z = dict(z)
         heads = head_gates(z, self.source)
         self.z = {
             'hidden': z.get('hidden'),
