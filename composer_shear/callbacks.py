@@ -38,14 +38,7 @@ class PruningMonitor(Callback):
         self.log_interval = int(log_interval)
 
     def _folder(self, state: State) -> Path:
-        folder = self.folder
-        if folder is None:
-            saver = _saver(state)
-            if saver is not None and '://' not in str(saver.folder):
-                folder = os.path.join(str(saver.folder), 'pruning')
-            else:
-                folder = '{run_name}/pruning'
-        return Path(format_name_with_dist(folder, state.run_name))
+        return run_folder(state, self.folder, 'pruning')
 
     def batch_end(self, state: State, logger: Logger):
         if int(state.timestamp.batch) % self.log_interval:
@@ -85,6 +78,18 @@ class PruningMonitor(Callback):
             save_masks(tmp / 'masks.safetensors', snap)
             (tmp / 'shape_report.json').write_text(dumps(report))
             (tmp / 'shape_report.md').write_text(report_table(report))
+
+
+def run_folder(state: State, folder: str | None, name: str) -> Path:
+    """`folder` with {run_name} substituted; default `{save_folder}/{name}` when the run saves checkpoints to a
+    local folder, else `{run_name}/{name}`."""
+    if folder is None:
+        saver = _saver(state)
+        if saver is not None and '://' not in str(saver.folder):
+            folder = os.path.join(str(saver.folder), name)
+        else:
+            folder = f'{{run_name}}/{name}'
+    return Path(format_name_with_dist(folder, state.run_name))
 
 
 def _saver(state: State) -> CheckpointSaver | None:

@@ -54,6 +54,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog='composer-shear', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
 
+    sub.add_parser('demo', add_help=False, help='SmolLM2-135M pruned, exported and retrained on CPU, offline '
+                                                '(composer-shear demo --help)')
+
     p = sub.add_parser('export', help='masked Composer checkpoint -> pruned Hugging Face model folder')
     p.add_argument('--checkpoint', required=True, help='a Composer checkpoint: a .pt file or a sharded folder')
     p.add_argument('--out', required=True, help='the folder to write (must not exist unless --overwrite)')
@@ -86,6 +89,10 @@ def main(argv=None) -> int:
     p.add_argument('--batch-size', type=int, default=8)
     p.set_defaults(func=_reference)
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ['demo']:  # its own parser
+        from composer_shear.demo import main as demo
+        return demo(argv[1:])
     args = parser.parse_args(argv)
     from composer_shear.export import ExportError
     from composer_shear.shapes import ShapeError

@@ -22,8 +22,6 @@ from pathlib import Path
 
 import torch
 
-TARGET = dict(num_hidden_layers=20, hidden_size=384, num_attention_heads=6, num_key_value_heads=2,
-              intermediate_size=768)
 DOMAINS = ['code', 'reference', 'licenses']
 PROMPTS = {'code': 'def fibonacci(n):\n', 'reference': 'The import statement is used to'}
 
@@ -62,31 +60,26 @@ def generate(model, tok, prompt, n=20):
     return tok.decode(out[0][ids['input_ids'].shape[1]:], skip_special_tokens=True)
 
 
-def train(model_dir, tok, data, out, steps, interval, batch, seq_len, weights, reference, eval_batches,
-          algorithms=(), callbacks=(), lr=1e-4):
-    """One stage with Composer: dynamic_text loader, per-domain eval every `interval` steps, dynamic_loading."""
-    from composer import Trainer
-    from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
-    from llmfoundry.models.hf import ComposerHFCausalLM
+YAMLS = Path(__file__).resolve().parent.parent / 'yamls' / 'demo'
+
+
+def yaml_path(stage: str) -> Path:
+    path = YAMLS / f'{stage}.yaml'
+    if not path.exists():
+        raise FileNotFoundError(f'{path} not found: the demo runs from a checkout (pip install -e .)')
+    return path
+
+
+def train(stage: str, overrides: dict):
+    """One stage through llm-foundry's training loop, from yamls/demo/<stage>.yaml with dotlist overrides.
+    Returns the stage's DynamicLoading callback and its wall-clock seconds."""
+    from llmfoundry.command_utils import train_from_yaml
 
     from composer_shear.data.callback import DynamicLoading
-    from composer_shear.data.dynamic import build_dynamic_text_dataloader, domain_evaluators
-    model = ComposerHFCausalLM(tok, pretrained_model_name_or_path=str(model_dir), pretrained=True,
-                               attn_implementation='sdpa', use_train_metrics=False)
-    loader = build_dynamic_text_dataloader(tok, batch, dict(local=str(data), domains=DOMAINS, proportions=weights,
-                                                            epoch_size=interval * batch, max_seq_len=seq_len))
-    dynamic = DynamicLoading(DOMAINS, weights, reference)
-    trainer = Trainer(
-        model=model, optimizers=DecoupledAdamW(model.parameters(), lr=lr, weight_decay=0.0),
-        schedulers=CosineAnnealingWithWarmupScheduler(t_warmup='0.1dur', alpha_f=0.1), train_dataloader=loader,
-        eval_dataloader=domain_evaluators(str(data), DOMAINS, batch, seq_len), eval_interval='1ep',
-        eval_subset_num_batches=eval_batches,
-        max_duration=f'{steps}ba', algorithms=list(algorithms), callbacks=[dynamic, *callbacks], device='cpu',
-        precision='fp32', save_folder=str(out), save_interval=f'{steps}ba', save_overwrite=True,
-        run_name=out.name, seed=17, progress_bar=True, log_to_console=False)
     start = time.perf_counter()
-    trainer.fit()
+    trainer = train_from_yaml(str(yaml_path(stage)), [f'{k}={v}' for k, v in overrides.items()])
     seconds = time.perf_counter() - start
+    dynamic = next(c for c in trainer.state.callbacks if isinstance(c, DynamicLoading))
     trainer.close()
     return dynamic, seconds
 
@@ -122,23 +115,28 @@ def plots(out: Path, history_by_stage: dict, report: dict):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', default='demo_out', help='output folder (created)')
-    p.add_argument('--prune-steps', type=int, default=40)
-    p.add_argument('--continue-steps', type=int, default=20)
-    p.add_argument('--interval', type=int, default=10, help='steps between evaluation and re-weighting')
-    p.add_argument('--seq-len', type=int, default=64)
-    p.add_argument('--batch', type=int, default=4)
-    p.add_argument('--eval-seqs', type=int, default=16, help='eval sequences per domain for the final table')
+    p.add_argument('--prune-steps', type=int, default=None, help="default: yamls/demo/prune.yaml's max_duration")
+    p.add_argument('--continue-steps', type=int, default=None, help="default: yamls/demo/continue.yaml's")
+    p.add_argument('--interval', type=int, default=None, help="steps between evaluation and re-weighting "
+                   "(default: the YAMLs' variables.interval_batches)")
+    p.add_argument('--eval-seqs', type=int, default=32, help='eval sequences per domain for the final table')
     args = p.parse_args(argv)
 
+    from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from composer_shear.algorithm import ShearPruning
     from composer_shear.assets import smollm2_dir
-    from composer_shear.callbacks import PruningMonitor
     from composer_shear.data.prepare import prepare
     from composer_shear.data.reference import reference_loss
     from composer_shear.export import export_checkpoint
     from composer_shear.shapes import ModelShape
+
+    cfg = {stage: OmegaConf.load(yaml_path(stage)) for stage in ('prune', 'continue')}
+    seq_len, batch = cfg['prune'].max_seq_len, cfg['prune'].global_train_batch_size
+    interval = args.interval or cfg['prune'].variables.interval_batches
+    steps = {'prune': args.prune_steps or int(str(cfg['prune'].max_duration).removesuffix('ba')),
+             'continue': args.continue_steps or int(str(cfg['continue'].max_duration).removesuffix('ba'))}
+    initial = list(cfg['prune'].variables.proportions)
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -149,44 +147,33 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(source_dir)
     step(2, f'corpus of {len(DOMAINS)} domains from installed packages, tokenized to MDS')
     data = out / 'data'
-    manifest = prepare(write_corpus(out / 'corpus'), source_dir, data, args.seq_len, eval_fraction=0.1)
+    prepare(write_corpus(out / 'corpus'), source_dir, data, seq_len, eval_fraction=0.1)
     step(3, 'reference losses of the source model per domain')
-    ref = reference_loss(source_dir, data, out / 'reference_loss.json', max_batches=2)['losses']
-    sizes = {d: manifest['domains'][d]['train']['tokens'] for d in DOMAINS}
-    initial = [sizes[d] / sum(sizes.values()) for d in DOMAINS]
-    initial[-1] = 1.0 - sum(initial[:-1])
+    ref_file = out / 'reference_loss.json'
+    ref = reference_loss(source_dir, data, ref_file, max_batches=2)['losses']
 
-    eval_batches = max(1, args.eval_seqs // args.batch)
-    step(4, f'pruning {args.prune_steps} steps to {TARGET}, dynamic loading every {args.interval} steps')
-    pruning = ShearPruning(target=TARGET, lag_lr=1.0, lagrangian_warmup='0.25dur')
-    prune_dyn, prune_s = train(source_dir, tok, data, out / 'prune', args.prune_steps, args.interval, args.batch,
-                               args.seq_len, initial, ref, eval_batches, algorithms=[pruning],
-                               callbacks=[PruningMonitor()])
+    def overrides(stage, model, proportions):
+        return {'variables.source_model': model, 'variables.data': data, 'variables.reference_loss': ref_file,
+                'variables.proportions': '[' + ','.join(repr(float(w)) for w in proportions) + ']',
+                'save_folder': out / stage, 'max_duration': f'{steps[stage]}ba',
+                'train_loader.dataset.epoch_size': interval * batch}
+
+    step(4, f'pruning {steps["prune"]} steps (yamls/demo/prune.yaml), dynamic loading every {interval} steps')
+    prune_dyn, prune_s = train('prune', overrides('prune', source_dir, initial))
     step(5, 'exporting the pruned model')
     pruned_dir = out / 'pruned'
     report = export_checkpoint(out / 'prune' / 'latest-rank0.pt', pruned_dir, source=str(source_dir),
                                overwrite=True)
-    step(6, f'continued pre-training {args.continue_steps} steps with dynamic loading')
-    cont_dyn, cont_s = train(pruned_dir, tok, data, out / 'continue', args.continue_steps, args.interval,
-                             args.batch, args.seq_len, list(prune_dyn.weights), ref, eval_batches, lr=3e-4)
-    final_dir = out / 'final'
-    if final_dir.exists():
-        import shutil
-        shutil.rmtree(final_dir)
-    from composer_shear.export import read_checkpoint
-    weights, _ = read_checkpoint(out / 'continue' / 'latest-rank0.pt')
-    model = AutoModelForCausalLM.from_pretrained(pruned_dir, torch_dtype=torch.float32)
-    model.load_state_dict({k.removeprefix('model.'): v for k, v in weights.items()}, strict=True)
-    model.tie_weights()
-    model.save_pretrained(final_dir)
-    tok.save_pretrained(final_dir)
+    step(6, f'continued pre-training {steps["continue"]} steps (yamls/demo/continue.yaml), dynamic loading')
+    cont_dyn, cont_s = train('continue', overrides('continue', pruned_dir, prune_dyn.weights))
+    final_dir = out / 'continue' / 'huggingface' / f'ba{steps["continue"]}'
 
     step(7, 'comparing the models')
     rows = []
     for label, path, seconds in (('source', source_dir, None), ('pruned', pruned_dir, prune_s),
                                  ('pruned + continued', final_dir, cont_s)):
         m = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
-        ppl = {d: perplexity(m, str(data), d, args.seq_len, args.eval_seqs) for d in DOMAINS}
+        ppl = {d: perplexity(m, str(data), d, seq_len, args.eval_seqs) for d in DOMAINS}
         rows.append((label, ModelShape.from_config(m.config), ppl, seconds,
                      {n: generate(m, tok, q) for n, q in PROMPTS.items()}))
     lines = ['| model | params | layers | hidden | heads / kv | intermediate | '
@@ -206,14 +193,15 @@ def main(argv=None) -> int:
         for name, text in samples.items():
             lines.append(f'- {label}, {name}: `{PROMPTS[name]!r}` → `{text!r}`')
     lines.append(f'\nReference losses (source model): {json.dumps({d: round(v, 3) for d, v in ref.items()})}. '
-                 f'A tiny budget ({args.prune_steps} pruning + {args.continue_steps} continued steps of '
-                 f'{args.batch}x{args.seq_len} tokens): perplexities show the pipeline works, not final quality.')
+                 f'A tiny budget ({steps["prune"]} pruning + {steps["continue"]} continued steps of '
+                 f'{batch}x{seq_len} tokens): perplexities show the pipeline works, not final quality.')
     text = '\n'.join(lines) + '\n'
     (out / 'results.md').write_text(text)
     plots(out, {'pruning': (initial, prune_dyn.history), 'continued pre-training': (list(prune_dyn.weights),
                                                                                     cont_dyn.history)}, report)
     print(text)
-    print(f'outputs in {out} (results.md, domain_weights.png, masks.png, pruned/, final/)')
+    print(f'outputs in {out}: results.md, domain_weights.png, masks.png, pruned/ (exported), '
+          f'{final_dir.relative_to(out)}/ (continued), prune/ and continue/ (checkpoints)')
     return 0
 
 

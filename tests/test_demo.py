@@ -1,5 +1,6 @@
 """The README's main command, on a reduced budget."""
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ pytestmark = pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     env = {**os.environ, 'COMPOSER_SHEAR_CACHE': os.environ.get('COMPOSER_SHEAR_CACHE') or str(tmp_path / 'cache')}
     out = tmp_path / 'demo'
-    cmd = [sys.executable, '-m', 'composer_shear.demo', '--out', str(out), '--prune-steps', '4',
+    cmd = [sys.executable, '-m', 'composer_shear.cli', 'demo', '--out', str(out), '--prune-steps', '4',
            '--continue-steps', '2', '--interval', '2', '--eval-seqs', '8']
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -20,6 +21,10 @@ def test_demo_runs_end_to_end(tmp_path):
     assert '| source | 134,515,008 | 30 | 576 | 9 / 3 | 1536 |' in table
     assert '| pruned | 44,449,152 | 20 | 384 | 6 / 2 | 768 |' in table
     assert '| pruned + continued | 44,449,152 | 20 | 384 | 6 / 2 | 768 |' in table
-    for name in ('pruned/model.safetensors', 'final/model.safetensors', 'domain_weights.png', 'masks.png',
-                 'reference_loss.json', 'data/manifest.json', 'prune/pruning'):
+    for name in ('pruned/model.safetensors', 'continue/huggingface/ba2/model.safetensors', 'domain_weights.png',
+                 'masks.png', 'reference_loss.json', 'data/manifest.json', 'prune/pruning/ba4/shape_report.md'):
         assert (out / name).exists(), name
+    for stage, updates in (('prune', 2), ('continue', 1)):  # yamls/demo/*.yaml ran, with dynamic loading
+        log = json.loads((out / stage / 'dynamic_loading.json').read_text())
+        assert log['domains'] == ['code', 'reference', 'licenses'] and len(log['history']) == updates
+    assert log['initial'] != [0.6, 0.1, 0.3]  # continued pre-training starts from the pruning stage's weights

@@ -1,9 +1,11 @@
 """Every YAML loads through llm-foundry's config validation (unknown keys fail), and our parts build from it."""
 
+import inspect
 from pathlib import Path
 
 import pytest
 from llmfoundry.command_utils.train import validate_config
+from llmfoundry.registry import dataloaders
 from llmfoundry.utils.builders import build_algorithm, build_callback
 from llmfoundry.utils.config_utils import TRAIN_CONFIG_KEYS, TrainConfig, make_dataclass_and_log_config
 from omegaconf import OmegaConf
@@ -43,6 +45,18 @@ def test_yaml_validates_and_builds(path):
         assert dyn['initial_proportions'] == cfg.train_loader['dataset']['proportions']
         interval = cfg.train_loader['dataset']['epoch_size'] // cfg.global_train_batch_size
         assert interval == OmegaConf.load(path).variables.interval_batches
+
+
+@pytest.mark.parametrize('path', YAMLS, ids=lambda p: p.name)
+def test_loaders_have_the_arguments_their_builders_need(path):
+    """llm-foundry's config check does not look inside loaders: bind each to its registered builder."""
+    cfg = load(path)
+    evals = cfg.eval_loaders or ([cfg.eval_loader] if cfg.eval_loader else [])
+    for loader in [cfg.train_loader, *evals]:
+        kwargs = {k: v for k, v in loader.items() if k not in ('name', 'label')}
+        inspect.signature(dataloaders.get(loader['name'])).bind(tokenizer=None, device_batch_size=1, **kwargs)
+        if kwargs.get('num_workers') == 0:  # torch.utils.data.DataLoader's rule
+            assert kwargs.get('prefetch_factor', 2) is None and not kwargs.get('persistent_workers', True)
 
 
 def test_unknown_top_level_key_fails():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ REFERENCE_PRESETS = {
              'arxiv': 1.3560, 'c4-rp': 2.0328},
 }
 METRIC = 'LanguageCrossEntropy'
+HISTORY_FILE = 'dynamic_loading.json'
 
 
 def read_reference(reference, domains) -> np.ndarray:
@@ -76,13 +78,17 @@ class DynamicLoading(Callback):
     live in this callback's checkpointed state; every rank computes the same ones from the synced metrics.
 
     Per-domain losses are read from evaluators labelled with the domain names (`eval_loaders` with
-    `label: <domain>`), metric LanguageCrossEntropy (token-weighted, summed over ranks).
+    `label: <domain>`), metric LanguageCrossEntropy (token-weighted, summed over ranks). After each update rank 0
+    rewrites `history_file` (default `{save_folder}/dynamic_loading.json`, else `{run_name}/dynamic_loading.json`):
+    domains, reference losses, initial weights and every update's batch, losses and weights.
     """
 
     def __init__(self, domains, initial_proportions, reference_loss, update_type: str = 'doremi',
-                 clip_negative_excess: bool = True, smoothing: float = 1e-4):
+                 clip_negative_excess: bool = True, smoothing: float = 1e-4, history_file: str | None = None):
         self.domains = list(domains)
         self.weights = check_proportions(initial_proportions, self.domains, 'dynamic_loading.initial_proportions')
+        self.initial = self.weights.tolist()
+        self.history_file = history_file
         self.reference = read_reference(reference_loss, self.domains)
         if update_type not in UPDATE_TYPES:
             raise ValueError(f'dynamic_loading.update_type {update_type!r} is unknown; choose from {UPDATE_TYPES}')
@@ -120,8 +126,24 @@ class DynamicLoading(Callback):
                                       self.smoothing)
         self.history.append({'batch': int(state.timestamp.batch), 'losses': losses, 'weights': self.weights.tolist()})
         self._dataset(state).set_proportions(self.weights)
+        self.write_history(state)
         logger.log_metrics({f'metrics/dynamic_loading/{d}_excess_loss': loss - r
                             for d, loss, r in zip(self.domains, losses, self.reference, strict=True)})
+
+    def write_history(self, state: State):
+        """Rank 0 writes the weight history as JSON (replaced atomically at each update)."""
+        from composer.utils import dist
+
+        from composer_shear.callbacks import run_folder
+        if dist.get_global_rank() != 0:
+            return
+        path = Path(self.history_file) if self.history_file else run_folder(state, None, HISTORY_FILE)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + '.tmp')
+        tmp.write_text(json.dumps({'domains': self.domains, 'reference_loss': self.reference.tolist(),
+                                   'update_type': self.update_type, 'initial': self.initial,
+                                   'history': self.history}, indent=1))
+        os.replace(tmp, path)
 
     def batch_end(self, state: State, logger: Logger):
         logger.log_metrics({f'metrics/train/{d}_weight': float(w) for d, w in zip(self.domains, self.weights,
