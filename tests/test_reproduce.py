@@ -1,0 +1,47 @@
+"""bench/reproduce.py end to end on a tiny model, a cut-down 7-domain sample and the `tiny` budget: every arm
+trains, the table, the claims and the plots come out."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tiny import save_tiny
+from train_tiny import TARGET
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parent.parent
+SAMPLE = ROOT.parent / 'shared' / 'data' / 'redpajama_sample'
+
+
+def test_reproduce_tiny_budget(tmp_path):
+    for domain in sorted(p for p in SAMPLE.iterdir() if p.is_dir()):
+        docs = []
+        for f in sorted(domain.glob('*.jsonl')):
+            for line in f.read_text().splitlines():
+                if len(docs) < 12:
+                    docs.append(json.dumps({'text': json.loads(line)['text'][:1500]}))
+        (tmp_path / 'corpus' / domain.name).mkdir(parents=True)
+        (tmp_path / 'corpus' / domain.name / 'docs.jsonl').write_text('\n'.join(docs) + '\n')
+    save_tiny(tmp_path / 'model')
+    out = tmp_path / 'out'
+    res = subprocess.run([sys.executable, str(ROOT / 'bench' / 'reproduce.py'), '--budget', 'tiny', '--out', str(out),
+                          '--source', str(tmp_path / 'model'), '--data', str(tmp_path / 'corpus'),
+                          '--target', json.dumps(TARGET)], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    results = json.loads((out / 'results.json').read_text())
+    assert set(results['arms']) == {'sheared', 'constant', 'oneshot', 'scratch'}
+    for arm, a in results['arms'].items():
+        assert len(a['eval']) == 7 and all(0 < v < 20 for v in a['eval'].values()), arm
+        steps = 8 if arm in ('oneshot', 'scratch') else 4  # equal tokens: 4 pruning + 4 continued steps
+        assert a['stages']['continue']['curve'][-1][0] == steps, arm
+    assert results['arms']['constant']['stages']['prune']['weights'] == results['arms']['constant']['stages'][
+        'prune']['initial']
+    assert results['arms']['sheared']['stages']['prune']['weights'] != results['arms']['sheared']['stages'][
+        'prune']['initial']
+    table = (out / 'results.md').read_text()
+    assert '| sheared (loss) |' in table and 'Pruned beats from scratch' in table
+    for png in ('loss_curves.png', 'domain_weights.png', 'domain_loss.png'):
+        assert (out / png).stat().st_size > 1000
