@@ -41,7 +41,8 @@ BUDGETS = {
 ARMS = ('sheared', 'constant', 'oneshot', 'scratch')
 
 
-def stage_cfg(stage: str, b: dict, out: Path, model: Path, data: Path, ref: Path, proportions, steps: int, **extra):
+def stage_cfg(stage: str, b: dict, out: Path, model: Path, data: Path, ref: Path, proportions, steps: int,
+              extra: dict):
     """yamls/demo/<stage>.yaml for the 7 RedPajama domains at budget `b`."""
     cfg = OmegaConf.load(ROOT / 'yamls' / 'demo' / f'{stage}.yaml')
     eval_loaders = [{'label': d, 'name': 'text', 'drop_last': False, 'num_workers': 0, 'prefetch_factor': None,
@@ -72,7 +73,7 @@ def run_stage(cfg) -> dict:
     seconds = time.perf_counter() - start
     mem = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger))
     key = 'loss/train/ce' if 'loss/train/ce' in mem.data else 'loss/train/total'
-    curve = [(int(ts.batch), float(v)) for ts, v in mem.data[key]]
+    curve = [(int(ts.batch) + 1, float(v)) for ts, v in mem.data[key]]  # logged during step N+1 (0-based ts)
     dyn = next(c for c in trainer.state.callbacks if isinstance(c, DynamicLoading))
     trainer.close()
     return {'seconds': seconds, 'curve': curve, 'initial': dyn.initial, 'history': dyn.history,
@@ -89,7 +90,7 @@ def final_eval(model_dir: Path, data: Path, seq: int, n: int) -> dict:
 
 def oneshot_model(source: Path, data: Path, out: Path, b: dict, target: dict) -> float:
     """Prune `source` one-shot on 8 calibration sequences per domain (train split); returns seconds."""
-    from streaming import StreamingDataset
+    from streaming import LocalDataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from composer_shear.export import atomic_dir, pruned_config
@@ -98,8 +99,8 @@ def oneshot_model(source: Path, data: Path, out: Path, b: dict, target: dict) ->
     model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32)
     batches = []
     for d in DOMAINS:
-        ds = StreamingDataset(local=str(data / 'train' / d), batch_size=8, shuffle=False)
-        rows = [ds.get_item(i)['tokens'][:b['seq']].astype('int64') for i in range(min(8, ds.num_samples))]
+        ds = LocalDataset(str(data / 'train' / d))
+        rows = [ds[i]['tokens'][:b['seq']].astype('int64') for i in range(min(8, len(ds)))]
         batches.append(torch.tensor(rows))
     sd, shape = prune_oneshot(model, target, batches)
     config = pruned_config(model.config, shape, torch.float32)
@@ -141,8 +142,8 @@ def run(args) -> dict:
         folder = out / arm
         update = {'callbacks': {'dynamic_loading': {'update_type': 'constant' if arm == 'constant' else 'doremi'}}}
         if arm in ('sheared', 'constant'):
-            cfg = stage_cfg('prune', b, folder / 'prune', source, data, ref, RP_MIX, b['prune'], **prune_extra,
-                            **update)
+            cfg = stage_cfg('prune', b, folder / 'prune', source, data, ref, RP_MIX, b['prune'],
+                            {**prune_extra, **update})
             a['stages']['prune'] = run_stage(cfg)
             start = time.perf_counter()
             export_checkpoint(folder / 'prune' / 'latest-rank0.pt', folder / 'pruned', source=str(source),
@@ -156,7 +157,7 @@ def run(args) -> dict:
             start_model, steps, mix = out / 'sheared' / 'pruned', total, RP_MIX
             update['model'] = {'pretrained': False}
             update['optimizer'] = {'lr': 1e-3}  # a from-scratch model gets the usual small-model learning rate
-        cfg = stage_cfg('continue', b, folder / 'continue', start_model, data, ref, mix, steps, **update)
+        cfg = stage_cfg('continue', b, folder / 'continue', start_model, data, ref, mix, steps, update)
         a['stages']['continue'] = run_stage(cfg)
         final = folder / 'continue' / 'huggingface' / f'ba{steps}'
         a['eval'] = final_eval(final, data, b['seq'], b['final_eval_seqs'])

@@ -6,23 +6,23 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
 def eval_loss(model, local: str, domain: str, max_seq_len: int, batch_size: int = 8, max_batches: int | None = None,
               split: str = 'eval') -> tuple[float, int]:
     """Token-weighted mean next-token CE of one domain's eval split, and the tokens scored."""
-    from streaming import StreamingDataset
-    ds = StreamingDataset(local=os.path.join(local, split, domain), batch_size=batch_size, shuffle=False)
+    from streaming import LocalDataset  # no shared memory: StreamingDatasets made in a loop leak descriptors
+    ds = LocalDataset(os.path.join(local, split, domain))
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
-        for b, start in enumerate(range(0, ds.num_samples, batch_size)):
+        for b, start in enumerate(range(0, len(ds), batch_size)):
             if max_batches is not None and b >= max_batches:
                 break
-            rows = [ds.get_item(i)['tokens'][:max_seq_len] for i in range(start, min(start + batch_size,
-                                                                                    ds.num_samples))]
-            ids = torch.tensor([r.astype('int64') for r in rows])
+            rows = [ds[i]['tokens'][:max_seq_len] for i in range(start, min(start + batch_size, len(ds)))]
+            ids = torch.from_numpy(np.stack(rows).astype(np.int64))
             logits = model(input_ids=ids).logits[:, :-1].float()
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                                      reduction='sum')
