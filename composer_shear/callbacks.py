@@ -36,6 +36,8 @@ class PruningMonitor(Callback):
     def __init__(self, folder: str | None = None, log_interval: int = 1):
         self.folder = folder
         self.log_interval = int(log_interval)
+        if self.log_interval < 1:
+            raise ValueError(f'pruning_monitor.log_interval must be >= 1, got {log_interval}')
 
     def _folder(self, state: State) -> Path:
         return run_folder(state, self.folder, 'pruning')

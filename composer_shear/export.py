@@ -100,16 +100,22 @@ def load_masks_file(path: str | os.PathLike) -> ShearMasks:
 
 # reading Composer checkpoints --------------------------------------------------------------------------
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
+def read_checkpoint(path: str | os.PathLike, mmap: bool = True) -> tuple[dict, dict]:
     """The model state dict and the HF integration metadata ({} if absent) of a Composer checkpoint:
-    a whole `.pt` file or a sharded (torch.distributed.checkpoint) folder."""
+    a whole `.pt` file or a sharded (torch.distributed.checkpoint) folder. A whole file is memory-mapped by
+    default, so the optimizer state it also holds is never read into memory."""
     path = Path(path)
     if not path.exists():
         raise ExportError(f'checkpoint {path} does not exist')
     if path.is_dir():
         return _read_sharded(path)
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+        try:
+            ckpt = torch.load(path, map_location='cpu', weights_only=False, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            ckpt = torch.load(path, map_location='cpu', weights_only=False)  # legacy (non-zip) format
     except Exception as e:
         raise ExportError(f'cannot read checkpoint {path}: {e}') from e
     if not isinstance(ckpt, dict) or 'state' not in ckpt or 'model' not in ckpt['state']:
@@ -184,8 +190,10 @@ def pruned_config(config, shape: ModelShape, dtype: torch.dtype):
 def check_keys(sd: dict, config) -> None:
     """Strict check: exactly the keys and shapes the target architecture expects."""
     from transformers import AutoModelForCausalLM
+    # import the modeling module first: a first import under the meta device breaks torch._dynamo's own import
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
     with torch.device('meta'):
-        ref = AutoModelForCausalLM.from_config(config)
+        ref = model_class(config)
     expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop('lm_head.weight', None)
@@ -263,13 +271,13 @@ def _tokenizer_from_metadata(hf_meta: dict):
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, source: str | None = None,
-                      dtype: torch.dtype | None = None, overwrite: bool = False) -> dict:
+                      dtype: torch.dtype | None = None, overwrite: bool = False, mmap: bool = True) -> dict:
     """`composer-shear export`: checkpoint -> HF folder. The config and tokenizer come from `source` (an HF
     folder) when given, else from the HF metadata Composer stores in the checkpoint."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     if source is not None and not Path(source, 'config.json').exists():
         raise ExportError(f'--source {source} is not a Hugging Face model folder (no config.json)')
-    model_sd, hf_meta = read_checkpoint(checkpoint)
+    model_sd, hf_meta = read_checkpoint(checkpoint, mmap=mmap)
     hf_sd, mask_sd = split_model_state(model_sd)
     tokenizer = generation = None
     if source is not None:

@@ -78,6 +78,10 @@ class ModelShape:
         get = (lambda k, d=None: config.get(k, d)) if isinstance(config, Mapping) else \
             (lambda k, d=None: getattr(config, k, d))
         model_type = get('model_type')
+        missing = [k for k in ('num_hidden_layers', 'hidden_size', 'num_attention_heads', 'intermediate_size',
+                               'vocab_size') if get(k) is None]
+        if missing and model_type in SUPPORTED_MODEL_TYPES:
+            raise ShapeError(f'the {model_type} config lacks {", ".join(missing)}')
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ShapeError(
                 f'model_type {model_type!r} is not LLaMA-family; supported: {", ".join(SUPPORTED_MODEL_TYPES)}')

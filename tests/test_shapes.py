@@ -71,6 +71,12 @@ def test_not_llama_family():
         ModelShape.from_config({'model_type': 'gpt2'})
 
 
+def test_incomplete_config_names_the_fields():
+    with pytest.raises(ShapeError, match='the llama config lacks hidden_size, intermediate_size'):
+        ModelShape.from_config({'model_type': 'llama', 'num_hidden_layers': 2, 'num_attention_heads': 4,
+                                'vocab_size': 10})
+
+
 def test_mha_target_heads_alone_keeps_mha():
     source = ModelShape.from_config(LLAMA2_7B)
     target = source.resolve_target({'num_attention_heads': 16})
