@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from composer_shear.algorithm import MASKS_ATTR
-from composer_shear.llama import prune_state_dict
+from composer_shear.llama import prune_state_dict, weights_to_prune
 from composer_shear.masks import MaskSnapshot, ShearMasks, target_buffer, target_from_buffer
 from composer_shear.report import dumps, report_table, shape_report
 from composer_shear.shapes import ModelShape, ShapeError
@@ -216,9 +216,7 @@ def export_pruned(hf_sd: dict, mask_sd: dict, config, out: str | os.PathLike, to
     with torch.no_grad():
         snap = masks.snapshot()
     z = snap.z
-    hf_sd = {k: v for k, v in hf_sd.items() if 'rotary_emb' not in k}
-    if source.tie_word_embeddings:
-        hf_sd.pop('lm_head.weight', None)
+    hf_sd = weights_to_prune(hf_sd, source)
     pruned, shape = prune_state_dict(hf_sd, source, z)
     if shape != masks.target:
         raise ExportError(f'pruned shape {shape.target_dict()} differs from the target {masks.target.target_dict()}')

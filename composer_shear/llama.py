@@ -149,6 +149,14 @@ def _uniform_count(name: str, rows: list[torch.Tensor]) -> int:
     return counts.pop()
 
 
+def weights_to_prune(sd: dict, source: ModelShape) -> dict:
+    """An HF state dict without what pruning does not touch: rotary buffers and a tied lm_head."""
+    sd = {k: v for k, v in sd.items() if 'rotary_emb' not in k}
+    if source.tie_word_embeddings:
+        sd.pop('lm_head.weight', None)
+    return sd
+
+
 def prune_state_dict(sd: dict, source: ModelShape, z: dict) -> tuple[dict, ModelShape]:
     """Fold deterministic (possibly soft) masks into the weights of an HF state dict and drop every pruned
     row, column, head and layer. Returns the new state dict (HF key names) and its shape."""

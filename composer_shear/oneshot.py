@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from composer_shear.llama import decoder, prune_state_dict
+from composer_shear.llama import decoder, prune_state_dict, weights_to_prune
 from composer_shear.masks import structures_for
 from composer_shear.shapes import ModelShape
 
@@ -86,7 +86,4 @@ def prune_oneshot(model, target: dict, batches, modules=('layer', 'hidden', 'hea
     source = ModelShape.from_config(model.config)
     goal = source.resolve_target(target, modules)
     z = oneshot_masks(importance(model, batches), source, goal, modules)
-    sd = {k: v for k, v in model.state_dict().items() if 'rotary_emb' not in k}
-    if source.tie_word_embeddings:
-        sd.pop('lm_head.weight', None)
-    return prune_state_dict(sd, source, z)
+    return prune_state_dict(weights_to_prune(model.state_dict(), source), source, z)
