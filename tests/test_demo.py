@@ -28,3 +28,13 @@ def test_demo_runs_end_to_end(tmp_path):
         log = json.loads((out / stage / 'dynamic_loading.json').read_text())
         assert log['domains'] == ['code', 'reference', 'licenses'] and len(log['history']) == updates
     assert log['initial'] != [0.6, 0.1, 0.3]  # continued pre-training starts from the pruning stage's weights
+
+
+def test_corpus_follows_the_yaml_domains(tmp_path):
+    from composer_shear.demo import write_corpus
+    write_corpus(tmp_path / 'c', ['licenses', 'code'])
+    assert sorted(p.name for p in (tmp_path / 'c').iterdir()) == ['code', 'licenses']
+    docs = [json.loads(line)['text'] for line in open(tmp_path / 'c' / 'code' / 'docs.jsonl')]
+    assert len(docs) > 100 and any('def ' in d for d in docs)
+    with pytest.raises(ValueError, match=r"variables.domains: no corpus builder for \['poetry'\]"):
+        write_corpus(tmp_path / 'd', ['code', 'poetry'])
