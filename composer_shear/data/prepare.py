@@ -7,7 +7,8 @@ Eval sequences come from documents that train never sees. Output:
 `OUT/{train,eval}/<domain>/` (MDS, column `tokens`, uint16 when the vocabulary fits, else uint32) and
 `OUT/manifest.json` (documents, tokens and sequences per domain and split, and the inputs' fingerprint).
 Each split is written under a temporary name and renamed; the manifest is written last, so an interrupted run
-is redone, and a complete one with the same inputs is skipped.
+is redone, and a complete one with the same inputs is skipped. Documents are streamed (a first pass counts and
+validates them, the second tokenizes 256 KiB at a time): memory does not grow with the corpus.
 """
 
 from __future__ import annotations
@@ -105,16 +106,48 @@ def eval_documents(n_docs: int, eval_fraction: float, seed: int, domain: str) ->
     return set(rng.choice(n_docs, size=k, replace=False).tolist())
 
 
-def pack(token_lists, seq_len):
-    """Concatenate and cut into full sequences; returns (sequences array, tokens used)."""
-    flat = np.fromiter((t for ids in token_lists for t in ids), dtype=np.int64)
-    n = len(flat) // seq_len
-    return flat[:n * seq_len].reshape(n, seq_len), n * seq_len
+class Packer:
+    """One split of one domain: documents' tokens concatenated and cut into `seq_len` rows, written to MDS as
+    they fill (the tail that does not fill a row is dropped at the end). Holds less than one row in memory."""
+
+    def __init__(self, folder: Path, seq_len: int, dtype: str, size_limit: int):
+        from streaming import MDSWriter
+        self.writer = MDSWriter(out=str(folder), columns={'tokens': f'ndarray:{dtype}'}, size_limit=size_limit)
+        self.seq_len, self.dtype = seq_len, dtype
+        self.carry = np.zeros(0, dtype=dtype)
+        self.documents = self.sequences = 0
+
+    def add(self, token_lists):
+        self.documents += len(token_lists)
+        flat = np.concatenate([self.carry, *(np.asarray(ids, dtype=self.dtype) for ids in token_lists)])
+        n = len(flat) // self.seq_len
+        for row in flat[:n * self.seq_len].reshape(n, self.seq_len):
+            self.writer.write({'tokens': row})
+        self.sequences += n
+        self.carry = flat[n * self.seq_len:]
+
+    def close(self) -> dict:
+        self.writer.finish()
+        return {'documents': self.documents, 'tokens': self.sequences * self.seq_len, 'sequences': self.sequences}
+
+
+def batches(texts, max_chars: int = 1 << 18, max_docs: int = 256):
+    """Group documents for batched tokenization, 256 KiB of text at a time."""
+    batch, chars = [], 0
+    for t in texts:
+        batch.append(t)
+        chars += len(t)
+        if chars >= max_chars or len(batch) >= max_docs:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
 
 
 def prepare(inputs, tokenizer_dir, out, max_seq_len: int, eval_fraction: float = 0.1, seed: int = 17,
-            progress: bool = True) -> dict:
-    from streaming import MDSWriter
+            progress: bool = True, shard_bytes: int = 1 << 26) -> dict:
+    """Tokenize and pack every domain (see the module's docstring); returns the manifest. `shard_bytes`: MDS
+    shard size (streaming's default); a shard being written is held in memory."""
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
@@ -143,27 +176,34 @@ def prepare(inputs, tokenizer_dir, out, max_seq_len: int, eval_fraction: float =
     manifest = {'fingerprint': key, 'tokenizer': str(tokenizer_dir), 'max_seq_len': max_seq_len,
                 'dtype': dtype, 'eval_fraction': eval_fraction, 'seed': seed, 'domains': {}}
     for name, folder in tqdm(domains.items(), desc='domains', disable=not progress):
-        docs = [t for f in domain_files(folder) for t in read_texts(f)]
-        held_out = eval_documents(len(docs), eval_fraction, seed, name)
-        ids = [prefix + tok(t, add_special_tokens=False)['input_ids'] + suffix
-               for t in tqdm(docs, desc=f'tokenize {name}', leave=False, disable=not progress)]
-        manifest['domains'][name] = {}
+        files = domain_files(folder)
+        n_docs = sum(1 for f in files for _ in read_texts(f))  # a first pass validates and counts
+        held_out = eval_documents(n_docs, eval_fraction, seed, name)
+        tmp = {split: out / split / f'.{name}.tmp-{os.getpid()}' for split in ('train', 'eval')}
+        for folder_tmp in tmp.values():
+            shutil.rmtree(folder_tmp, ignore_errors=True)
+        packers = {split: Packer(tmp[split], max_seq_len, dtype, shard_bytes) for split in tmp}
+        texts = (t for f in files for t in read_texts(f))
+        index = 0
+        with tqdm(total=n_docs, desc=f'tokenize {name}', unit='doc', leave=False, disable=not progress) as bar:
+            for batch in batches(texts):
+                ids = tok(batch, add_special_tokens=False)['input_ids']
+                split_of = ['eval' if index + i in held_out else 'train' for i in range(len(batch))]
+                for split, packer in packers.items():
+                    packer.add([prefix + x + suffix for x, s in zip(ids, split_of, strict=True) if s == split])
+                index += len(batch)
+                bar.update(len(batch))
+        manifest['domains'][name] = {split: packer.close() for split, packer in packers.items()}
         for split in ('train', 'eval'):
-            chosen = [x for i, x in enumerate(ids) if (i in held_out) == (split == 'eval')]
-            seqs, used = pack(chosen, max_seq_len)
-            if len(seqs) == 0:
+            if manifest['domains'][name][split]['sequences'] == 0:
+                for folder_tmp in tmp.values():
+                    shutil.rmtree(folder_tmp, ignore_errors=True)
                 raise ValueError(f'prepare-data: domain {name!r} has too little text for one {split} sequence '
                                  f'of {max_seq_len} tokens')
+        for split in ('train', 'eval'):
             final = out / split / name
-            tmp = out / split / f'.{name}.tmp-{os.getpid()}'
-            shutil.rmtree(tmp, ignore_errors=True)
-            with MDSWriter(out=str(tmp), columns={'tokens': f'ndarray:{dtype}'}) as w:
-                for s in seqs:
-                    w.write({'tokens': s.astype(dtype)})
             shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            manifest['domains'][name][split] = {'documents': len(chosen), 'tokens': int(used),
-                                                'sequences': int(len(seqs))}
+            os.replace(tmp[split], final)
     tmp = out / f'.{MANIFEST}.tmp-{os.getpid()}'
     tmp.write_text(json.dumps(manifest, indent=2) + '\n')
     os.replace(tmp, manifest_path)
