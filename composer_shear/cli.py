@@ -44,8 +44,11 @@ def _prepare(args) -> int:
 
 
 def _reference(args) -> int:
+    import torch
+
     from composer_shear.data.reference import reference_loss
-    reference_loss(args.model, args.data, args.out, max_batches=args.max_batches, batch_size=args.batch_size)
+    reference_loss(args.model, args.data, args.out, max_batches=args.max_batches, batch_size=args.batch_size,
+                   device=args.device, dtype=getattr(torch, DTYPES[args.dtype]))
     print(f'wrote {args.out}')
     return 0
 
@@ -87,6 +90,8 @@ def main(argv=None) -> int:
     p.add_argument('--out', required=True, help='the JSON file to write')
     p.add_argument('--max-batches', type=int, help='limit per domain')
     p.add_argument('--batch-size', type=int, default=8)
+    p.add_argument('--device', help='torch device (default: cuda when available, else cpu)')
+    p.add_argument('--dtype', choices=sorted(DTYPES), default='fp32', help='model weights (losses summed in fp32)')
     p.set_defaults(func=_reference)
 
     argv = sys.argv[1:] if argv is None else list(argv)

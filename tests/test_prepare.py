@@ -358,6 +358,16 @@ def test_reference_loss_matches_an_independent_computation(tmp_path):
         nll = -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
         assert result['tokens'][domain] == nll.numel() == len(ids) * 15
         assert abs(result['losses'][domain] - nll.mean().item()) < 1e-5
+    assert result['device'] == 'cpu' and result['dtype'] == 'float32'
+
+    # bf16 weights (what a 7B source wants on a GPU): the same losses to bf16's precision
+    run = cli('reference-loss', '--model', model_dir, '--data', data, '--out', tmp_path / 'bf16.json',
+              '--dtype', 'bf16', '--device', 'cpu')
+    assert run.returncode == 0, run.stderr
+    bf16 = json.loads((tmp_path / 'bf16.json').read_text())
+    assert bf16['dtype'] == 'bfloat16' and bf16['tokens'] == result['tokens']
+    for domain in SIZES:
+        assert 1e-6 < abs(bf16['losses'][domain] - result['losses'][domain]) < 0.05
 
 
 PEAK = """

@@ -22,7 +22,7 @@ def eval_loss(model, local: str, domain: str, max_seq_len: int, batch_size: int 
             if max_batches is not None and b >= max_batches:
                 break
             rows = [ds[i]['tokens'][:max_seq_len] for i in range(start, min(start + batch_size, len(ds)))]
-            ids = torch.from_numpy(np.stack(rows).astype(np.int64))
+            ids = torch.from_numpy(np.stack(rows).astype(np.int64)).to(model.device)
             logits = model(input_ids=ids).logits[:, :-1].float()
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                                      reduction='sum')
@@ -31,15 +31,20 @@ def eval_loss(model, local: str, domain: str, max_seq_len: int, batch_size: int 
     return total / count, count
 
 
-def reference_loss(model_dir, data, out, max_batches: int | None = None, batch_size: int = 8) -> dict:
+def reference_loss(model_dir, data, out, max_batches: int | None = None, batch_size: int = 8,
+                   device: str | None = None, dtype: torch.dtype = torch.float32) -> dict:
+    """Write `out` (JSON: per-domain losses and tokens scored) for `dynamic_loading`'s `reference_loss`.
+    `device`: default cuda when there is one; the loss itself is always accumulated in fp32."""
     from transformers import AutoModelForCausalLM
     manifest = json.loads(Path(data, 'manifest.json').read_text())
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).to(device)
     losses, tokens = {}, {}
     for d in manifest['domains']:
         losses[d], tokens[d] = eval_loss(model, data, d, manifest['max_seq_len'], batch_size, max_batches)
         print(f'{d}: loss {losses[d]:.4f} over {tokens[d]} tokens', flush=True)
-    result = {'model': str(model_dir), 'data': str(data), 'losses': losses, 'tokens': tokens}
+    result = {'model': str(model_dir), 'data': str(data), 'device': str(device),
+              'dtype': str(dtype).removeprefix('torch.'), 'losses': losses, 'tokens': tokens}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f'.{out.name}.tmp-{os.getpid()}')
