@@ -108,7 +108,7 @@ def eval_documents(n_docs: int, eval_fraction: float, seed: int, domain: str) ->
 
 class Packer:
     """One split of one domain: documents' tokens concatenated and cut into `seq_len` rows, written to MDS as
-    they fill (the tail that does not fill a row is dropped at the end). Holds less than one row in memory."""
+    they fill (the tail that does not fill a row is dropped at the end). Carries less than one row between calls."""
 
     def __init__(self, folder: Path, seq_len: int, dtype: str, size_limit: int):
         from streaming import MDSWriter
@@ -142,6 +142,11 @@ def batches(texts, max_chars: int = 1 << 18, max_docs: int = 256):
             batch, chars = [], 0
     if batch:
         yield batch
+
+
+def remove(folders):
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def prepare(inputs, tokenizer_dir, out, max_seq_len: int, eval_fraction: float = 0.1, seed: int = 17,
@@ -180,8 +185,7 @@ def prepare(inputs, tokenizer_dir, out, max_seq_len: int, eval_fraction: float =
         n_docs = sum(1 for f in files for _ in read_texts(f))  # a first pass validates and counts
         held_out = eval_documents(n_docs, eval_fraction, seed, name)
         tmp = {split: out / split / f'.{name}.tmp-{os.getpid()}' for split in ('train', 'eval')}
-        for folder_tmp in tmp.values():
-            shutil.rmtree(folder_tmp, ignore_errors=True)
+        remove(tmp.values())
         packers = {split: Packer(tmp[split], max_seq_len, dtype, shard_bytes) for split in tmp}
         texts = (t for f in files for t in read_texts(f))
         index = 0
@@ -196,8 +200,7 @@ def prepare(inputs, tokenizer_dir, out, max_seq_len: int, eval_fraction: float =
         manifest['domains'][name] = {split: packer.close() for split, packer in packers.items()}
         for split in ('train', 'eval'):
             if manifest['domains'][name][split]['sequences'] == 0:
-                for folder_tmp in tmp.values():
-                    shutil.rmtree(folder_tmp, ignore_errors=True)
+                remove(tmp.values())
                 raise ValueError(f'prepare-data: domain {name!r} has too little text for one {split} sequence '
                                  f'of {max_seq_len} tokens')
         for split in ('train', 'eval'):
