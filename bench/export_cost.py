@@ -18,11 +18,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'tests'))
-from composer_shear.masks import ShearMasks  # noqa: E402
-from composer_shear.shapes import ModelShape  # noqa: E402
-
-from tiny import tiny_tokenizer  # noqa: E402
+from composer_shear.masks import ShearMasks
+from composer_shear.shapes import ModelShape
+from composer_shear.testing import tiny_tokenizer
 
 SIZES = {
     'tiny': (dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=4, num_attention_heads=8,

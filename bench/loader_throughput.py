@@ -205,7 +205,7 @@ def profile(args, data: Path, domains, props, seq: int):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--data', help='prepare-data output folder (default: prepare --input into a temp folder)')
-    p.add_argument('--input', default=str(ROOT.parent / 'shared' / 'data' / 'redpajama_sample'),
+    p.add_argument('--input', default=str(ROOT / 'data' / 'redpajama_sample'),
                    help='per-domain jsonl folder to prepare when --data is not given')
     p.add_argument('--tokenizer', help='tokenizer folder for preparing (default: the SmolLM2 asset folder)')
     p.add_argument('--max-seq-len', type=int, default=512, help='when preparing (else the manifest value)')

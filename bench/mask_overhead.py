@@ -32,8 +32,6 @@ from pathlib import Path
 import torch
 
 warnings.filterwarnings('ignore', message='.*use_auth_token.*', category=FutureWarning)  # llm-foundry -> HF
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'tests'))  # the test helpers: tiny.save_tiny, train_tiny.Tokens / loader
 
 from composer import Callback, Trainer  # noqa: E402
 from composer.devices import DeviceCPU  # noqa: E402
@@ -43,9 +41,7 @@ from llmfoundry.models.hf import ComposerHFCausalLM  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from composer_shear.algorithm import ShearPruning  # noqa: E402
-
-from tiny import save_tiny  # noqa: E402
-from train_tiny import Tokens, loader  # noqa: E402
+from composer_shear.testing import Tokens, loader, save_tiny  # noqa: E402
 
 SOURCE = dict(num_hidden_layers=8, hidden_size=512, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
               intermediate_size=1376, vocab_size=8192)
@@ -162,7 +158,7 @@ def breakdown(trainer, algo: ShearPruning, args) -> dict:
     state = trainer.state
     hf = state.model.model
     masks = ShearPruning.masks(state)
-    hooks = algo.hooks
+    hooks = masks.hooks
     hf.train()
     ids = Tokens(args.batch, args.seq, SOURCE['vocab_size'], seed=3).ids
     batch = {'input_ids': ids, 'attention_mask': torch.ones_like(ids), 'labels': ids.clone()}

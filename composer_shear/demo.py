@@ -18,14 +18,23 @@ import os
 import sys
 import sysconfig
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from composer_shear.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from composer_shear.data.callback import DynamicLoading
 
 PROMPTS = {'code': 'def fibonacci(n):\n', 'reference': 'The import statement is used to'}
 
 
-def write_corpus(folder: Path, domains) -> Path:
+def write_corpus(folder: Path, domains: Sequence[str]) -> Path:
     """One jsonl per domain (the demo YAMLs' `variables.domains`), from the running Python and its installed
     packages (no downloads)."""
     from pydoc_data.topics import topics
@@ -39,7 +48,8 @@ def write_corpus(folder: Path, domains) -> Path:
     }
     unknown = sorted(set(domains) - set(texts))
     if unknown:
-        raise ValueError(f'yamls/demo variables.domains: no corpus builder for {unknown} (known: {sorted(texts)})')
+        raise ConfigError(f'demo prune.yaml variables.domains: no corpus builder for {unknown} '
+                          f'(known: {sorted(texts)})')
     for name in domains:
         docs = texts[name]
         (folder / name).mkdir(parents=True, exist_ok=True)
@@ -50,31 +60,34 @@ def write_corpus(folder: Path, domains) -> Path:
     return folder
 
 
-def perplexity(model, local, domain, seq_len, n):
+def perplexity(model: PreTrainedModel, local: str | os.PathLike, domain: str, seq_len: int,
+               n: int) -> tuple[float, float]:
+    """Perplexity of `model` on about `n` eval sequences of `domain`, and the tokens scored per second."""
     from composer_shear.data.reference import eval_loss
     start = time.perf_counter()
     loss, tokens = eval_loss(model, local, domain, seq_len, batch_size=8, max_batches=max(1, n // 8))
     return math.exp(loss), tokens / (time.perf_counter() - start)
 
 
-def generate(model, tok, prompt, n=20):
+def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: str, n: int = 20) -> str:
+    """The greedy continuation of `prompt` (`n` new tokens), decoded."""
     ids = tok(prompt, return_tensors='pt')
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
     return tok.decode(out[0][ids['input_ids'].shape[1]:], skip_special_tokens=True)
 
 
-YAMLS = Path(__file__).resolve().parent.parent / 'yamls' / 'demo'
+YAMLS = Path(__file__).resolve().parent / 'yamls' / 'demo'  # package data
 
 
 def yaml_path(stage: str) -> Path:
     path = YAMLS / f'{stage}.yaml'
     if not path.exists():
-        raise FileNotFoundError(f'{path} not found: the demo runs from a checkout (pip install -e .)')
+        raise FileNotFoundError(f'{path} not found: the installed composer_shear lacks its package data')
     return path
 
 
-def train(stage: str, overrides: dict):
+def train(stage: str, overrides: dict) -> tuple[DynamicLoading, float]:
     """One stage through llm-foundry's training loop, from yamls/demo/<stage>.yaml with dotlist overrides.
     Returns the stage's DynamicLoading callback and its wall-clock seconds."""
     from llmfoundry.command_utils import train_from_yaml
@@ -88,7 +101,8 @@ def train(stage: str, overrides: dict):
     return dynamic, seconds
 
 
-def plots(out: Path, domains, history_by_stage: dict, report: dict):
+def plots(out: Path, domains: Sequence[str], history_by_stage: dict, report: dict) -> None:
+    """Write `domain_weights.png` (weights per stage) and `masks.png` (kept structures per layer) to `out`."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -116,7 +130,8 @@ def plots(out: Path, domains, history_by_stage: dict, report: dict):
     plt.close('all')
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo (see the module's docstring); returns the exit status."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', default='demo_out', help='output folder (created)')
     p.add_argument('--prune-steps', type=int, default=None, help="default: yamls/demo/prune.yaml's max_duration")
@@ -157,7 +172,7 @@ def main(argv=None) -> int:
     ref_file = out / 'reference_loss.json'
     ref = reference_loss(source_dir, data, ref_file, max_batches=2)['losses']
 
-    def overrides(stage, model, proportions):
+    def overrides(stage: str, model: str | os.PathLike, proportions: Iterable[float]) -> dict[str, Any]:
         return {'variables.source_model': model, 'variables.data': data, 'variables.reference_loss': ref_file,
                 'variables.proportions': '[' + ','.join(repr(float(w)) for w in proportions) + ']',
                 'save_folder': out / stage, 'max_duration': f'{steps[stage]}ba',

@@ -6,60 +6,31 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from composer_shear.algorithm import MASKS_ATTR
-from composer_shear.llama import prune_state_dict, weights_to_prune
-from composer_shear.masks import MaskSnapshot, ShearMasks, target_buffer, target_from_buffer
+from composer_shear._io import atomic_dir, atomic_file
+from composer_shear.errors import ExportError
+from composer_shear.masks import MASKS_ATTR, MaskSnapshot, ShearMasks, target_buffer, target_from_buffer
 from composer_shear.report import dumps, report_table, shape_report
-from composer_shear.shapes import ModelShape, ShapeError
+from composer_shear.shapes import STRUCTURE_MODULES, ModelShape
+from composer_shear.surgery import prune_to_target
 
 log = logging.getLogger(__name__)
 
+__all__ = ['ExportError', 'export_checkpoint', 'export_pruned', 'load_any_masks', 'read_checkpoint', 'save_masks',
+           'write_mask_report']
+
 MASKS_FILE = 'masks.safetensors'
+REPORT_FILE = 'shape_report.json'  # also marks a folder as this project's output
 HF_PREFIX = 'model.'  # the HF model's attribute on llm-foundry's / composer's HuggingFaceModel
 
 
-class ExportError(RuntimeError):
-    pass
-
-
-# writing folders and files atomically ------------------------------------------------------------------
-
-@contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary folder beside `out`; rename it to `out` only if the block succeeds."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ExportError(f'{out} already exists (pass --overwrite to replace it)')
-    if out.exists() and any(out.iterdir()) and not (out / 'shape_report.json').exists():
-        raise ExportError(f'{out} is not empty and is not a composer-shear output: refusing to replace it')
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f'.{out.name}.old-{os.getpid()}')
-            out.rename(old)
-            try:
-                tmp.rename(out)
-            except OSError:
-                old.rename(out)
-                raise
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def save_masks(path: str | os.PathLike, snap: MaskSnapshot):
+def save_masks(path: str | os.PathLike, snap: MaskSnapshot) -> None:
     """masks.safetensors: log alpha, multipliers and the exact-target deterministic masks, with the source and
     target shapes as metadata."""
     tensors = {f'log_alpha.{k}': v for k, v in snap.log_alpha.items()}
@@ -67,10 +38,8 @@ def save_masks(path: str | os.PathLike, snap: MaskSnapshot):
     tensors['lambdas'] = snap.lambdas
     tensors['target_shape'] = target_buffer(snap.target)
     meta = {'format': 'pt', 'source': json.dumps(snap.source.to_dict()), 'target': json.dumps(snap.target.to_dict())}
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def masks_from_state(source: ModelShape, mask_sd: dict) -> ShearMasks:
@@ -78,10 +47,11 @@ def masks_from_state(source: ModelShape, mask_sd: dict) -> ShearMasks:
     names = sorted(k.split('.', 1)[1] for k in mask_sd if k.startswith('log_alpha.'))
     if 'target_shape' not in mask_sd or not names:
         raise ExportError('no shear_pruning masks found (expected log_alpha.* and target_shape)')
-    modules = {'layer': 'layer', 'hidden': 'hidden', 'kv': 'head', 'query': 'head',
-               'intermediate': 'intermediate'}
+    unknown = sorted(set(names) - set(STRUCTURE_MODULES))
+    if unknown:
+        raise ExportError(f'unknown mask structures {unknown} (known: {list(STRUCTURE_MODULES)})')
     target = target_from_buffer(source, mask_sd['target_shape'])
-    masks = ShearMasks(source, target, {modules[n] for n in names})
+    masks = ShearMasks(source, target, {STRUCTURE_MODULES[n] for n in names})
     masks.load_state_dict(mask_sd, strict=True)
     return masks
 
@@ -151,7 +121,7 @@ def _read_sharded(path: Path) -> tuple[dict, dict]:
     return model, hf
 
 
-def _set_nested(d, keys, value):
+def _set_nested(d: dict[str, Any], keys: list[str], value: Any) -> None:
     for k in keys[:-1]:
         d = d.setdefault(k, {})
     d[keys[-1]] = value
@@ -173,73 +143,37 @@ def split_model_state(model_sd: dict) -> tuple[dict, dict]:
 
 # the export itself -------------------------------------------------------------------------------------
 
-def pruned_config(config, shape: ModelShape, dtype: torch.dtype):
-    """A config of the source's class with the pruned shape (head_dim written explicitly)."""
-    from transformers import AutoConfig
-    d = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
-    for key, value in shape.target_dict().items():
-        d[key] = value
-    d['head_dim'] = shape.head_dim
-    d['torch_dtype'] = str(dtype).removeprefix('torch.')
-    d.pop('_name_or_path', None)
-    d.pop('quantization_config', None)
-    model_type = d.pop('model_type')
-    return AutoConfig.for_model(model_type, **d)
-
-
-def check_keys(sd: dict, config) -> None:
-    """Strict check: exactly the keys and shapes the target architecture expects."""
-    from transformers import AutoModelForCausalLM
-    # import the modeling module first: a first import under the meta device breaks torch._dynamo's own import
-    model_class = AutoModelForCausalLM._model_mapping[type(config)]
-    with torch.device('meta'):
-        ref = model_class(config)
-    expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop('lm_head.weight', None)
-    got = {k: tuple(v.shape) for k, v in sd.items()}
-    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-    if missing or unexpected:
-        raise ExportError(f'pruned weights do not match the target architecture: missing {missing[:5]}, '
-                          f'unexpected {unexpected[:5]}')
-    bad = [(k, got[k], expected[k]) for k in expected if got[k] != expected[k]]
-    if bad:
-        raise ExportError(f'pruned weight shapes differ from the target architecture: {bad[:5]}')
-
-
-def export_pruned(hf_sd: dict, mask_sd: dict, config, out: str | os.PathLike, tokenizer=None,
-                  dtype: torch.dtype | None = None, overwrite: bool = False, generation_config=None) -> dict:
+def export_pruned(hf_sd: dict, mask_sd: dict, config: Any, out: str | os.PathLike, tokenizer: Any = None,
+                  dtype: torch.dtype | None = None, overwrite: bool = False, generation_config: Any = None) -> dict:
     """Fold the exact-target deterministic masks into the HF weights and write a smaller HF model folder.
     Returns the shape report."""
     source = ModelShape.from_config(config)
     masks = masks_from_state(source, mask_sd)
     with torch.no_grad():
         snap = masks.snapshot()
-    z = snap.z
-    hf_sd = weights_to_prune(hf_sd, source)
-    pruned, shape = prune_state_dict(hf_sd, source, z)
-    if shape != masks.target:
-        raise ExportError(f'pruned shape {shape.target_dict()} differs from the target {masks.target.target_dict()}')
-    dtype = dtype or hf_sd['model.embed_tokens.weight'].dtype
-    pruned = {k: v.to(dtype).contiguous() for k, v in pruned.items()}
-    new_config = pruned_config(config, shape, dtype)
-    check_keys(pruned, new_config)
+    pruned, new_config = prune_to_target(hf_sd, snap, config, dtype)
+    shape, dtype = ModelShape.from_config(new_config), next(iter(pruned.values())).dtype
     report = shape_report(snap)
     report['exported'] = shape.target_dict() | {'num_params': shape.num_params(), 'dtype': str(dtype)}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, marker=REPORT_FILE) as tmp:
         new_config.save_pretrained(tmp)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
         _save_weights(pruned, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_masks(tmp / MASKS_FILE, snap)
-        (tmp / 'shape_report.json').write_text(dumps(report))
-        (tmp / 'shape_report.md').write_text(report_table(report))
+        write_mask_report(tmp, snap, report)
     return report
 
 
-def _save_weights(sd: dict, folder: Path, max_shard_bytes: int = 5 * 1024**3):
+def write_mask_report(folder: Path, snap: MaskSnapshot, report: dict) -> None:
+    """masks.safetensors and the shape report (JSON and markdown) into `folder`."""
+    save_masks(folder / MASKS_FILE, snap)
+    (folder / REPORT_FILE).write_text(dumps(report))
+    (folder / 'shape_report.md').write_text(report_table(report))
+
+
+def _save_weights(sd: dict, folder: Path, max_shard_bytes: int = 5 * 1024**3) -> None:
     from huggingface_hub import split_torch_state_dict_into_shards
     split = split_torch_state_dict_into_shards(sd, max_shard_size=max_shard_bytes)
     for filename, keys in split.filename_to_tensors.items():
@@ -311,7 +245,3 @@ def load_any_masks(path: str | os.PathLike, source: str | None = None) -> ShearM
         if config is None:
             raise ExportError(f'{path} carries no Hugging Face config: pass --source HF_DIR')
     return masks_from_state(ModelShape.from_config(config), mask_sd)
-
-
-__all__ = ['export_checkpoint', 'export_pruned', 'read_checkpoint', 'load_any_masks', 'save_masks', 'ExportError',
-           'ShapeError']

@@ -7,18 +7,20 @@ temperature 2/3, log-alpha kept in [-ln 100, ln 100], eval masks sharpened by 0.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from composer_shear.shapes import ModelShape, embedding_params, layer_params
+from composer_shear.shapes import STRUCTURE_MODULES, TARGET_FIELDS, ModelShape, embedding_params, layer_params
 
 GAMMA, ZETA = -0.1, 1.1
 BETA = 2.0 / 3.0
 EPS = 1e-6
 LOG_ALPHA_MAX = math.log(100.0)
 SHARPEN = 0.8
+MASKS_ATTR = 'shear_masks'  # the mask module's name on a ComposerModel
 # log(-gamma / zeta): the expected score is sigmoid(log_alpha - BETA * this)
 _LOG_RATIO = math.log(-GAMMA / ZETA)
 
@@ -50,7 +52,7 @@ def expected_keep(log_alpha: torch.Tensor) -> torch.Tensor:
     return (n - zeros).long().clamp(0, n)
 
 
-def deterministic(log_alpha: torch.Tensor, keep) -> torch.Tensor:
+def deterministic(log_alpha: torch.Tensor, keep: int | torch.Tensor) -> torch.Tensor:
     """Keep exactly `keep` entries per row (an int or a tensor over rows): the largest log-alpha,
     ties broken by lower index; kept entries hold their soft value, the rest are 0."""
     order = torch.sort(log_alpha.detach(), dim=-1, descending=True, stable=True).indices
@@ -71,7 +73,8 @@ class Structure:
     target: int
 
     @property
-    def shape(self):
+    def shape(self) -> tuple[int, ...]:
+        """The mask's tensor shape: (rows, size), or (size,) for a single row."""
         return (self.rows, self.size) if self.rows else (self.size,)
 
     @property
@@ -79,21 +82,41 @@ class Structure:
         return 1.0 - self.target / self.size
 
 
-def structures_for(source: ModelShape, target: ModelShape, modules) -> list[Structure]:
-    """The masks a pruning run needs, in a fixed order."""
-    L = source.num_hidden_layers
+def structures_for(source: ModelShape, target: ModelShape, modules: Iterable[str]) -> list[Structure]:
+    """The masks a pruning run needs, in the fixed order of `STRUCTURE_MODULES`."""
+    modules = set(modules)
+    rows = {'layer': 0, 'hidden': 0}  # one row; the others have a row per layer
+    size, keep = structure_sizes(source), structure_sizes(target)
     out = []
-    if 'layer' in modules:
-        out.append(Structure('layer', 0, L, target.num_hidden_layers))
-    if 'hidden' in modules:
-        out.append(Structure('hidden', 0, source.hidden_size, target.hidden_size))
-    if 'head' in modules:
-        out.append(Structure('kv', L, source.num_key_value_heads, target.num_key_value_heads))
-        if source.queries_per_group > 1:
-            out.append(Structure('query', L, source.queries_per_group, target.queries_per_group))
-    if 'intermediate' in modules:
-        out.append(Structure('intermediate', L, source.intermediate_size, target.intermediate_size))
+    for name, module in STRUCTURE_MODULES.items():
+        if module not in modules or (name == 'query' and source.queries_per_group == 1):
+            continue
+        out.append(Structure(name, rows.get(name, source.num_hidden_layers), size[name], keep[name]))
     return out
+
+
+def structure_sizes(shape: ModelShape) -> dict[str, int]:
+    """Entries per row of each structure for a model of `shape`."""
+    return {'layer': shape.num_hidden_layers, 'hidden': shape.hidden_size, 'kv': shape.num_key_value_heads,
+            'query': shape.queries_per_group, 'intermediate': shape.intermediate_size}
+
+
+def full_masks(z: Mapping[str, torch.Tensor], source: ModelShape) -> dict[str, torch.Tensor]:
+    """`z` with every structure present: a structure that is not pruned counts as all kept (ones)."""
+    device = next(iter(z.values())).device if z else None
+    L = source.num_hidden_layers
+    shapes = {'layer': (L,), 'hidden': (source.hidden_size,), 'kv': (L, source.num_key_value_heads),
+              'query': (L, source.queries_per_group), 'intermediate': (L, source.intermediate_size)}
+    return {k: z[k] if k in z else torch.ones(shape, device=device) for k, shape in shapes.items()}
+
+
+def head_gates(z: Mapping[str, torch.Tensor], source: ModelShape) -> torch.Tensor | None:
+    """[L, H] gate per query head h = g * Q + s: kv[g] * query[s]; None when heads are not pruned."""
+    if 'kv' not in z and 'query' not in z:
+        return None
+    z = full_masks(z, source)
+    L = source.num_hidden_layers
+    return (z['kv'][:, :, None] * z['query'][:, None, :]).reshape(L, source.num_attention_heads)
 
 
 class ShearMasks(nn.Module):
@@ -103,8 +126,8 @@ class ShearMasks(nn.Module):
     Every parameter is read through `forward`, so FSDP can shard this module like any other.
     """
 
-    def __init__(self, source: ModelShape, target: ModelShape, modules, init_log_alpha: float = LOG_ALPHA_MAX,
-                 init_noise: float = 0.0, seed: int = 0):
+    def __init__(self, source: ModelShape, target: ModelShape, modules: Iterable[str],
+                 init_log_alpha: float = LOG_ALPHA_MAX, init_noise: float = 0.0, seed: int = 0) -> None:
         super().__init__()
         self.source, self.target = source, target
         self.structures = structures_for(source, target, modules)
@@ -123,7 +146,9 @@ class ShearMasks(nn.Module):
         """Full (unsharded), detached CPU copies of everything, with the exact-target masks."""
         return self('snapshot')
 
-    def forward(self, mode: str = 'sample', progress: float | None = None, generator: torch.Generator | None = None):
+    def forward(
+        self, mode: str = 'sample', progress: float | None = None, generator: torch.Generator | None = None
+    ) -> MaskSnapshot | tuple[dict[str, torch.Tensor], torch.Tensor | None, dict[str, torch.Tensor | float] | None]:
         """mode: 'sample' (training draw), 'expected' (keep round(expected) per row),
         'target' (keep exactly the target per row), 'snapshot' (a MaskSnapshot). With `progress` in [0, 1]
         (the Lagrangian warm-up), also returns the Lagrangian and detached statistics. `generator` drives the
@@ -171,32 +196,22 @@ class MaskSnapshot:
     z: dict = field(default_factory=dict)  # exact-target deterministic masks
 
 
-_TARGET_ORDER = ('num_hidden_layers', 'hidden_size', 'num_attention_heads', 'num_key_value_heads',
-                 'intermediate_size')
-
-
 def target_buffer(target: ModelShape) -> torch.Tensor:
-    return torch.tensor([target.target_dict()[k] for k in _TARGET_ORDER])
+    """The target shape as a tensor (TARGET_FIELDS order), stored with the masks."""
+    return torch.tensor([target.target_dict()[k] for k in TARGET_FIELDS])
 
 
 def target_from_buffer(source: ModelShape, buffer: torch.Tensor) -> ModelShape:
-    return source.replace(**dict(zip(_TARGET_ORDER, (int(v) for v in buffer.tolist()), strict=True)))
+    """Inverse of `target_buffer`."""
+    return source.replace(**dict(zip(TARGET_FIELDS, (int(v) for v in buffer.tolist()), strict=True)))
 
 
 def expected_shape(source: ModelShape, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Expected sizes and parameter count, from per-entry keep probabilities (or 0/1 keep indicators).
     Missing structures count as fully kept."""
-    L, Q = source.num_hidden_layers, source.queries_per_group
-    device = next(iter(scores.values())).device if scores else None
-
-    def row_sums(name, n):
-        return scores[name].sum(-1) if name in scores else torch.full((L,), float(n), device=device)
-
-    layer = scores['layer'] if 'layer' in scores else torch.ones(L, device=device)
-    hidden = scores['hidden'].sum() if 'hidden' in scores else torch.tensor(float(source.hidden_size), device=device)
-    kv = row_sums('kv', source.num_key_value_heads)
-    query = row_sums('query', Q)
-    inter = row_sums('intermediate', source.intermediate_size)
+    full = full_masks(scores, source)
+    layer, hidden = full['layer'], full['hidden'].sum()
+    kv, query, inter = full['kv'].sum(-1), full['query'].sum(-1), full['intermediate'].sum(-1)
     heads = kv * query
     params = (layer * layer_params(hidden, kv, heads, source.head_dim, inter, source.qkv_bias, source.o_bias,
                                    source.mlp_bias)).sum()

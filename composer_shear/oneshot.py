@@ -7,21 +7,28 @@ reproduction), the way Minitron (Muralidharan et al. 2024) and ShortGPT (Men et 
 - MLP channel: mean |input of `down_proj`| over tokens;
 - layer: block influence, mean (1 - cos(layer input, layer output)) over tokens.
 
-The top-scoring structures are kept (exactly the target per row) and the weights pruned with the same
-`prune_state_dict` as the Sheared export, with masks of exactly 1 on what is kept.
+The top-scoring structures are kept (exactly the target per row) and the weights pruned by the same surgery as
+the Sheared export, with masks of exactly 1 on what is kept.
 """
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
-from composer_shear.llama import decoder, prune_state_dict, weights_to_prune
-from composer_shear.masks import structures_for
-from composer_shear.shapes import ModelShape
+import torch
+from torch import nn
+
+from composer_shear.hooks import decoder
+from composer_shear.masks import MaskSnapshot, structures_for
+from composer_shear.shapes import PRUNING_MODULES, ModelShape, validate_pruning_modules
+from composer_shear.surgery import build_model, prune_to_target
+
+__all__ = ['importance', 'oneshot_masks', 'prune_oneshot']
 
 
 @torch.no_grad()
-def importance(model, batches) -> dict[str, torch.Tensor]:
+def importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Scores per structure name (layer [L], hidden [d], heads [L, H], intermediate [L, I]) over `batches`
     (an iterable of input_ids tensors)."""
     source = ModelShape.from_config(model.config)
@@ -32,8 +39,9 @@ def importance(model, batches) -> dict[str, torch.Tensor]:
     tokens = 0
     handles = []
 
-    def add(name, i=None, fn=None):
-        def hook(module, args, out=None):
+    def add(name: str, i: int | None = None,
+            fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor | None = None) -> None:
             x = (args[0] if out is None else out).float().flatten(0, -2)
             value = fn(x)
             if i is None:
@@ -42,8 +50,9 @@ def importance(model, batches) -> dict[str, torch.Tensor]:
                 acc[name][i] += value
         return hook
 
-    def influence(i):
-        def hook(module, args, kwargs, out):
+    def influence(i: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 out: torch.Tensor | tuple[Any, ...]) -> None:
             x = (args[0] if args else kwargs['hidden_states']).float().flatten(0, -2)
             y = (out[0] if isinstance(out, tuple) else out).float().flatten(0, -2)
             acc['layer'][i] += (1 - torch.cosine_similarity(x, y, dim=-1)).sum()
@@ -68,7 +77,8 @@ def importance(model, batches) -> dict[str, torch.Tensor]:
     return {k: v / max(tokens, 1) for k, v in acc.items()}
 
 
-def oneshot_masks(scores: dict, source: ModelShape, target: ModelShape, modules) -> dict[str, torch.Tensor]:
+def oneshot_masks(scores: Mapping[str, torch.Tensor], source: ModelShape, target: ModelShape,
+                  modules: Iterable[str]) -> dict[str, torch.Tensor]:
     """Binary masks keeping exactly the target per row: the highest scores (ties: lower index)."""
     G, Q = source.num_key_value_heads, source.queries_per_group
     heads = scores['heads'].view(-1, G, Q)
@@ -81,9 +91,30 @@ def oneshot_masks(scores: dict, source: ModelShape, target: ModelShape, modules)
     return z
 
 
-def prune_oneshot(model, target: dict, batches, modules=('layer', 'hidden', 'head', 'intermediate')):
-    """Returns (pruned HF state dict, its shape) for `model` pruned to `target` (HF field names or a preset)."""
+def prune_oneshot(model: nn.Module, target: Mapping[str, Any] | str, batches: Iterable[torch.Tensor],
+                  pruning_modules: Sequence[str] = PRUNING_MODULES) -> Any:
+    """One-shot structured pruning to an exact shape: rank structures by their activations on `batches` and
+    keep the best, the way Minitron ranks width and ShortGPT ranks depth.
+
+    Args:
+        model: a Hugging Face LLaMA-family causal LM (left unchanged).
+        target: HF config field names or ``{'preset': ...}``, as for :func:`apply_shear_pruning`.
+        batches: calibration ``input_ids`` tensors ([batch, seq]).
+        pruning_modules: which of ``layer``, ``hidden``, ``head``, ``intermediate`` to prune.
+
+    Returns:
+        The pruned ``PreTrainedModel`` (the source's class and dtype, eval mode, CPU).
+
+    Example:
+        >>> calib = [torch.randint(0, 49152, (8, 256)) for _ in range(4)]
+        >>> small = prune_oneshot(model, {'num_hidden_layers': 24, 'hidden_size': 480}, calib,
+        ...                       pruning_modules=('layer', 'hidden'))
+    """
     source = ModelShape.from_config(model.config)
+    modules = validate_pruning_modules(pruning_modules)
     goal = source.resolve_target(target, modules)
     z = oneshot_masks(importance(model, batches), source, goal, modules)
-    return prune_state_dict(weights_to_prune(model.state_dict(), source), source, z)
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    snap = MaskSnapshot(source, goal, z=z)
+    pruned, config = prune_to_target(sd, snap, model.config)
+    return build_model(pruned, config)

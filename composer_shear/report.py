@@ -6,8 +6,9 @@ import json
 
 import torch
 
-from composer_shear.llama import head_gates
-from composer_shear.masks import MaskSnapshot, expected_score, expected_shape
+from composer_shear.masks import MaskSnapshot, expected_score, expected_shape, head_gates
+
+__all__ = ['dumps', 'report_table', 'shape_report']
 
 
 def shape_report(snap: MaskSnapshot) -> dict:

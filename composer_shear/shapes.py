@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from composer_shear.errors import ShapeError
+
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_MODEL_TYPES = ('llama', 'mistral', 'qwen2')
 
@@ -27,6 +32,15 @@ MODULE_FIELDS = {
 }
 PRUNING_MODULES = tuple(MODULE_FIELDS)
 
+# The mask structures, in their fixed order, and the pruning module that owns each.
+STRUCTURE_MODULES = {
+    'layer': 'layer',
+    'hidden': 'hidden',
+    'kv': 'head',       # KV groups
+    'query': 'head',    # query slots shared by every group (absent for MHA)
+    'intermediate': 'intermediate',
+}
+
 # The paper's targets from Llama-2-7B (Xia et al. 2023, Table 8 / reference scripts).
 PRESETS: dict[str, dict[str, int]] = {
     '1.3b': dict(num_hidden_layers=24, hidden_size=2048, num_attention_heads=16,
@@ -38,11 +52,10 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-class ShapeError(ValueError):
-    """A model or target shape that cannot be pruned as asked."""
-
-
-def layer_params(hidden, kv_heads, heads, head_dim, intermediate, qkv_bias, o_bias, mlp_bias):
+def layer_params(hidden: int | float | torch.Tensor, kv_heads: int | float | torch.Tensor,
+                 heads: int | float | torch.Tensor, head_dim: int | float | torch.Tensor,
+                 intermediate: int | float | torch.Tensor, qkv_bias: bool, o_bias: bool,
+                 mlp_bias: bool) -> int | float | torch.Tensor:
     """Parameters of one decoder layer. Works on ints, floats or tensors (expected sizes)."""
     q = hidden * heads * head_dim + (heads * head_dim if qkv_bias else 0)
     kv = 2 * (hidden * kv_heads * head_dim + (kv_heads * head_dim if qkv_bias else 0))
@@ -52,7 +65,7 @@ def layer_params(hidden, kv_heads, heads, head_dim, intermediate, qkv_bias, o_bi
     return q + kv + o + mlp + norms
 
 
-def embedding_params(hidden, vocab, tied):
+def embedding_params(hidden: int | float | torch.Tensor, vocab: int, tied: bool) -> int | float | torch.Tensor:
     """Input embedding, final norm and (untied) lm_head."""
     return vocab * hidden * (1 if tied else 2) + hidden
 
@@ -130,7 +143,7 @@ class ModelShape:
         return dataclasses.replace(self, **fields)
 
     def resolve_target(self, target: Mapping[str, Any] | str | None,
-                       pruning_modules=PRUNING_MODULES) -> ModelShape:
+                       pruning_modules: str | Iterable[str] = PRUNING_MODULES) -> ModelShape:
         """Turn a target (dict of HF field names, `{'preset': name}` or a preset name) into a
         validated ModelShape. Raises ShapeError naming the offending field."""
         modules = validate_pruning_modules(pruning_modules)
@@ -178,7 +191,8 @@ class ModelShape:
         return self.replace(**values)
 
 
-def validate_pruning_modules(modules) -> tuple[str, ...]:
+def validate_pruning_modules(modules: str | Iterable[str]) -> tuple[str, ...]:
+    """The pruning modules in canonical order; ShapeError naming an unknown one."""
     if isinstance(modules, str):
         modules = [modules]
     modules = tuple(modules)

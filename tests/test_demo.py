@@ -24,7 +24,7 @@ def test_demo_runs_end_to_end(tmp_path):
     for name in ('pruned/model.safetensors', 'continue/huggingface/ba2/model.safetensors', 'domain_weights.png',
                  'masks.png', 'reference_loss.json', 'data/manifest.json', 'prune/pruning/ba4/shape_report.md'):
         assert (out / name).exists(), name
-    for stage, updates in (('prune', 2), ('continue', 1)):  # yamls/demo/*.yaml ran, with dynamic loading
+    for stage, updates in (('prune', 2), ('continue', 1)):  # composer_shear/yamls/demo/*.yaml ran, with dynamic loading
         log = json.loads((out / stage / 'dynamic_loading.json').read_text())
         assert log['domains'] == ['code', 'reference', 'licenses'] and len(log['history']) == updates
     assert log['initial'] != [0.6, 0.1, 0.3]  # continued pre-training starts from the pruning stage's weights

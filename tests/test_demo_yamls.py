@@ -1,6 +1,6 @@
-"""yamls/demo/{prune,continue}.yaml on 2 processes (`composer -n 2 train.py`), DDP and FSDP2, on a tiny model:
-both stages train with dynamic loading and per-domain eval, the pruned checkpoint exports, and the continued model
-comes out as an HF folder."""
+"""composer_shear/yamls/demo/{prune,continue}.yaml on 2 processes (`composer -n 2 train.py`), DDP and FSDP2,
+on a tiny model: both stages train with dynamic loading and per-domain eval, the pruned checkpoint exports, and
+the continued model comes out as an HF folder."""
 
 import json
 import os
@@ -13,10 +13,8 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from composer_shear.data.prepare import prepare
-from composer_shear.data.weights import update_weights
-
-from tiny import save_tiny
-from train_tiny import TARGET
+from composer_shear.data.weights import update_domain_weights
+from composer_shear.testing import TARGET, save_tiny
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
@@ -46,7 +44,7 @@ def workdir(tmp_path_factory):
 
 def launch(workdir, stage, model, out, fsdp, *extra):
     cmd = [str(Path(sys.executable).with_name('composer')), '-n', '2', str(ROOT / 'train.py'),
-           str(ROOT / 'yamls' / 'demo' / f'{stage}.yaml'), f'variables.source_model={model}',
+           str(ROOT / 'composer_shear' / 'yamls' / 'demo' / f'{stage}.yaml'), f'variables.source_model={model}',
            f'variables.data={workdir / "data"}', f'variables.reference_loss={workdir / "reference.json"}',
            f'save_folder={out}', f'max_duration={STEPS}ba', f'max_seq_len={SEQ}',
            f'global_train_batch_size={BATCH}', 'device_train_microbatch_size=2', 'device_eval_batch_size=2',
@@ -66,7 +64,7 @@ def check_history(log, initial):
     weights = np.array(initial)
     for h in log['history']:
         assert len(h['losses']) == 3 and all(0 < x < 10 for x in h['losses'])
-        weights = update_weights(weights, h['losses'], [REFERENCE[d] for d in DOMAINS])
+        weights = update_domain_weights(weights, h['losses'], [REFERENCE[d] for d in DOMAINS])
         np.testing.assert_allclose(h['weights'], weights, rtol=1e-12)
     assert np.abs(weights - initial).max() > 0.01  # the mix moved
     return weights

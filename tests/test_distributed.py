@@ -10,18 +10,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import train_tiny
+from composer_shear.testing import TARGET
 
 pytestmark = pytest.mark.slow
-SCRIPT = Path(__file__).parent / 'train_tiny.py'
+ROOT = Path(__file__).resolve().parent.parent  # the launcher runs `python -m tests.common.train_tiny` from here
+MODULE = ['-m', 'tests.common.train_tiny']
 
 
 def launch(out, env_extra, *args):
     env = {**os.environ, **env_extra}
     composer = Path(sys.executable).with_name('composer')
-    cmd = [str(composer), '-n', '2', str(SCRIPT), str(out), 'steps=12', 'save_interval=6ba', 'eval_interval=6ba',
+    cmd = [str(composer), '-n', '2', *MODULE, str(out), 'steps=12', 'save_interval=6ba', 'eval_interval=6ba',
            'warmup=4ba', *args]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
 
 
@@ -41,7 +42,7 @@ def export(ckpt, dest, *extra):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     model = AutoModelForCausalLM.from_pretrained(dest)
-    for field, value in train_tiny.TARGET.items():
+    for field, value in TARGET.items():
         assert getattr(model.config, field) == value
     return model
 
@@ -78,9 +79,9 @@ def test_sigkill_and_autoresume_is_bit_exact(tmp_path):
     args = ['steps=14', 'save_interval=2ba', 'eval_interval=7ba', 'warmup=6ba', 'autoresume=true']
     launch(tmp_path / 'full', {}, *args)
     composer = Path(sys.executable).with_name('composer')
-    cmd = [str(composer), '-n', '2', str(SCRIPT), str(tmp_path / 'killed'), *args]
+    cmd = [str(composer), '-n', '2', *MODULE, str(tmp_path / 'killed'), *args]
     proc = subprocess.Popen([*cmd, 'sleep=0.5'], start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, cwd=ROOT)
     deadline = time.time() + 300
     while not (tmp_path / 'killed' / 'ckpt' / 'ep0-ba6-rank0.pt').exists():
         assert proc.poll() is None and time.time() < deadline, 'the run ended before it could be killed'
@@ -88,7 +89,7 @@ def test_sigkill_and_autoresume_is_bit_exact(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / 'killed' / 'masks-rank0.pt').exists()  # it really died mid-run
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-5000:]
     for r in (0, 1):
         full = torch.load(tmp_path / 'full' / f'masks-rank{r}.pt')

@@ -8,29 +8,28 @@ import torch
 
 from composer_shear.data.callback import DynamicLoading, read_reference
 from composer_shear.data.dynamic import build_dynamic_text_dataloader
-from composer_shear.data.weights import check_proportions, update_weights
-
-from mds import write_domains
+from composer_shear.data.weights import check_proportions, update_domain_weights
+from composer_shear.testing import save_tiny, write_domains
 
 RP = [0.67, 0.045, 0.045, 0.02, 0.045, 0.025, 0.15]
 
 
 def test_update_rule_worked_example():
     # reference-method.md 6.2: RedPajama mix, excess [.5 .1 .3 .2 .4 .2 .6]
-    w = update_weights(RP, np.array([.5, .1, .3, .2, .4, .2, .6]) + 2.0, [2.0] * 7)
+    w = update_domain_weights(RP, np.array([.5, .1, .3, .2, .4, .2, .6]) + 2.0, [2.0] * 7)
     np.testing.assert_allclose(w, [0.685833, 0.030891, 0.037727, 0.015180, 0.041693, 0.018972, 0.169704], atol=1e-6)
     # computed independently: softmax(log w + max(l - ref, 0)), mixed with 1e-4 of uniform
     losses, ref = np.array([1.0, 3.0, 2.0]), np.array([2.0, 2.0, 2.5])
     w0 = np.array([0.5, 0.3, 0.2])
     clipped = w0 * np.exp([0.0, 1.0, 0.0])
     clipped = 0.9999 * clipped / clipped.sum() + 1e-4 / 3
-    np.testing.assert_allclose(update_weights(w0, losses, ref), clipped / clipped.sum(), rtol=1e-12)
+    np.testing.assert_allclose(update_domain_weights(w0, losses, ref), clipped / clipped.sum(), rtol=1e-12)
     unclipped = w0 * np.exp([-1.0, 1.0, -0.5])
     unclipped = 0.9999 * unclipped / unclipped.sum() + 1e-4 / 3
-    np.testing.assert_allclose(update_weights(w0, losses, ref, clip_negative_excess=False),
+    np.testing.assert_allclose(update_domain_weights(w0, losses, ref, clip_negative_excess=False),
                                unclipped / unclipped.sum(), rtol=1e-12)
-    assert np.array_equal(update_weights(w0, losses, ref, 'constant'), w0)
-    extreme = update_weights([1 - 2e-12, 1e-12, 1e-12], [50.0, 0, 0], [0.0, 0, 0])
+    assert np.array_equal(update_domain_weights(w0, losses, ref, 'constant'), w0)
+    extreme = update_domain_weights([1 - 2e-12, 1e-12, 1e-12], [50.0, 0, 0], [0.0, 0, 0])
     assert abs(extreme.sum() - 1) < 1e-12 and (extreme >= 1e-4 / 3 * 0.999).all()
 
 
@@ -191,7 +190,6 @@ def test_callback_domains_must_match_the_loader(data, tmp_path):
     from llmfoundry.models.hf import ComposerHFCausalLM
     from transformers import AutoTokenizer
 
-    from tiny import save_tiny
     save_tiny(tmp_path / 'model')
     tok = AutoTokenizer.from_pretrained(tmp_path / 'model')
     model = ComposerHFCausalLM(tok, pretrained_model_name_or_path=str(tmp_path / 'model'), pretrained=True,

@@ -10,17 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from composer_shear.data.weights import update_weights
-
-from train_dynamic import REFERENCE
+from composer_shear.data.weights import update_domain_weights
+from tests.common.train_dynamic import REFERENCE
 
 pytestmark = pytest.mark.slow
-SCRIPT = Path(__file__).parent / 'train_dynamic.py'
+ROOT = Path(__file__).resolve().parent.parent  # the launcher runs `python -m tests.common.train_dynamic` from here
 
 
 def launch(out, *args, env=None):
-    cmd = [str(Path(sys.executable).with_name('composer')), '-n', '2', str(SCRIPT), str(out), *args]
-    res = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)
+    cmd = [str(Path(sys.executable).with_name('composer')), '-n', '2', '-m', 'tests.common.train_dynamic', str(out),
+           *args]
+    res = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
 
 
@@ -41,7 +42,7 @@ def test_weights_identical_on_ranks_and_follow_the_rule(ddp_run, tmp_path, mode)
     assert h0 == h1 and len(h0) == 4
     weights = np.array([0.6, 0.3, 0.1])
     for step in h0:
-        weights = update_weights(weights, step['losses'], REFERENCE)
+        weights = update_domain_weights(weights, step['losses'], REFERENCE)
         np.testing.assert_allclose(step['weights'], weights, rtol=1e-12)
     assert abs(weights[0] - 0.6) > 0.05  # the mix moved
 

@@ -8,10 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from composer_shear.export import export_pruned
-from composer_shear.llama import MaskedForward
+from composer_shear.hooks import MaskedForward
 from composer_shear.masks import LOG_ALPHA_MAX
-
-from tiny import llama_config, random_masks, tiny_model
+from composer_shear.testing import llama_config, random_masks, tiny_model
 
 ALL = ['layer', 'hidden', 'head', 'intermediate']
 TARGETS = {  # per source kind: a target that prunes every structure

@@ -7,8 +7,7 @@ from composer.optim import DecoupledAdamW
 from composer_shear import masks as M
 from composer_shear.masks import ShearMasks
 from composer_shear.shapes import ModelShape
-
-from tiny import llama_config
+from composer_shear.testing import llama_config
 
 
 def test_constants_and_expected_score_closed_form():

@@ -2,13 +2,10 @@
 nothing, keeps exactly the target, and its output loads as the target architecture."""
 
 import torch
-from transformers import AutoModelForCausalLM
 
-from composer_shear.export import check_keys, pruned_config
 from composer_shear.oneshot import importance, oneshot_masks, prune_oneshot
 from composer_shear.shapes import ModelShape
-
-from tiny import llama_config, tiny_model
+from composer_shear.testing import llama_config, tiny_model
 
 TARGET = dict(num_hidden_layers=3, hidden_size=48, num_attention_heads=2, num_key_value_heads=1,
               intermediate_size=40)
@@ -48,18 +45,15 @@ def test_importance_ranks_dead_structures_last():
 
 def test_oneshot_output_is_the_target_architecture():
     model = model_with_dead_parts()
-    sd, shape = prune_oneshot(model, TARGET, batches())
+    pruned = prune_oneshot(model, TARGET, batches())
+    shape = ModelShape.from_config(pruned.config)
     assert shape.target_dict() == TARGET
-    config = pruned_config(model.config, shape, torch.float32)
-    check_keys(sd, config)
-    pruned = AutoModelForCausalLM.from_config(config)
-    pruned.load_state_dict(sd, strict=False)
+    assert type(pruned) is type(model) and not pruned.training
     assert pruned.num_parameters() == shape.num_params()
     # removing the identity layer and the dead KV group / channels alone changes nothing
     partial = dict(TARGET, hidden_size=64, num_attention_heads=8, num_key_value_heads=2, intermediate_size=80)
-    sd, shape = prune_oneshot(model, partial, batches(), modules=('layer',))
-    small = AutoModelForCausalLM.from_config(pruned_config(model.config, shape, torch.float32))
-    small.load_state_dict(sd, strict=False)
+    small = prune_oneshot(model, partial, batches(), pruning_modules=('layer',))
+    assert small.config.num_hidden_layers == 3
     ids = batches(1)[0]
     with torch.no_grad():
-        torch.testing.assert_close(small.eval()(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(small(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)

@@ -15,8 +15,7 @@ import torch
 import zstandard
 
 from composer_shear.data.prepare import prepare
-
-from tiny import save_tiny, tiny_tokenizer
+from composer_shear.testing import save_tiny, tiny_tokenizer
 
 SEQ = 32
 BOS, EOS = 1, 2
@@ -388,6 +387,7 @@ print(json.dumps({'peak_mib': (kb('VmHWM') - base) / 1024, 'tokens': m['domains'
 """
 
 
+@pytest.mark.slow  # two processes tokenizing 10 MiB of text (~40 s)
 @pytest.mark.skipif(not os.path.exists('/proc/self/status'), reason='reads VmHWM from /proc')
 def test_memory_does_not_grow_with_the_corpus(tmp_path, tok_dir):
     """Documents are streamed: 4x the text (2 -> 8 MiB, ~2M -> ~8M tokens with the character tokenizer) adds

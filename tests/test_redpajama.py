@@ -7,10 +7,9 @@ import numpy as np
 
 from composer_shear.data.dynamic import build_dynamic_text_dataloader
 from composer_shear.data.prepare import prepare
+from composer_shear.testing import tiny_tokenizer
 
-from tiny import tiny_tokenizer
-
-SAMPLE = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'redpajama_sample'
+SAMPLE = Path(__file__).resolve().parents[1] / 'data' / 'redpajama_sample'
 DOMAINS = ['cc', 'github', 'book', 'stackexchange', 'wiki', 'arxiv', 'c4-rp']
 RP_MIX = [0.67, 0.045, 0.045, 0.02, 0.045, 0.025, 0.15]
 

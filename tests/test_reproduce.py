@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tiny import save_tiny
-from train_tiny import TARGET
+from composer_shear.testing import TARGET, save_tiny
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
-SAMPLE = ROOT.parent / 'shared' / 'data' / 'redpajama_sample'
+SAMPLE = ROOT / 'data' / 'redpajama_sample'
 
 
 def test_reproduce_tiny_budget(tmp_path):

@@ -3,8 +3,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
 from composer_shear.shapes import PRESETS, ModelShape, ShapeError
-
-from tiny import llama_config
+from composer_shear.testing import llama_config
 
 LLAMA2_7B = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                         num_attention_heads=32, num_key_value_heads=32)

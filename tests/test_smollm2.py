@@ -8,9 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from composer_shear.assets import smollm2_dir
 from composer_shear.export import export_pruned
-from composer_shear.llama import MaskedForward
-
-from tiny import random_masks
+from composer_shear.hooks import MaskedForward
+from composer_shear.testing import random_masks
 
 pytestmark = pytest.mark.slow
 TARGET = dict(num_hidden_layers=24, hidden_size=384, num_attention_heads=6, num_key_value_heads=2,

@@ -11,18 +11,15 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from composer_shear.algorithm import ShearPruning
-from composer_shear.shapes import ShapeError
-
-import train_tiny
-
-TARGET = train_tiny.TARGET
+from composer_shear.errors import ConfigError, ShapeError
+from tests.common.train_tiny import TARGET, run
 
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp('train')
     logger = InMemoryLogger()
-    algo, snap = train_tiny.run(out, steps=120, loggers=[logger])
+    algo, snap = run(out, steps=120, loggers=[logger])
     return out, algo, snap, logger
 
 
@@ -117,20 +114,20 @@ def test_export_refuses_to_overwrite_and_leaves_nothing_partial(trained, tmp_pat
     ({'target': dict(TARGET, num_attention_heads=3, num_key_value_heads=2)}, ShapeError, 'not a multiple'),
     ({'target': dict(TARGET, num_key_value_heads=4, num_attention_heads=4)}, ShapeError,
      'num_key_value_heads=4 exceeds'),
-    ({'modules': ['head', 'layers']}, ShapeError, "'layers' is unknown"),
+    ({'modules': ['head', 'layers']}, ConfigError, "shear_pruning.pruning_modules: 'layers' is unknown"),
 ])
 def test_bad_input_fails_before_training(tmp_path, kwargs, error, message):
     with pytest.raises(error, match=message):
-        train_tiny.run(tmp_path, steps=2, **kwargs)
+        run(tmp_path, steps=2, **kwargs)
     assert not list(tmp_path.glob('ckpt/**/*.pt'))
 
 
 def test_bad_algorithm_keys():
-    with pytest.raises(ShapeError, match='target is required'):
+    with pytest.raises(ConfigError, match='target is required'):
         ShearPruning()
-    with pytest.raises(ValueError, match='lagrangian_warmup'):
+    with pytest.raises(ConfigError, match='lagrangian_warmup'):
         ShearPruning(target={'preset': '1.3b'}, lagrangian_warmup='soon')
-    with pytest.raises(ValueError, match='init.temperature is unknown'):
+    with pytest.raises(ConfigError, match='init.temperature is unknown'):
         ShearPruning(target={'preset': '1.3b'}, init={'temperature': 1})
     with pytest.raises(TypeError, match='target_sparsity'):
         ShearPruning(target={'preset': '1.3b'}, target_sparsity=0.5)

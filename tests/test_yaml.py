@@ -10,7 +10,7 @@ import pytest
 from streaming import MDSWriter
 from transformers import AutoModelForCausalLM
 
-from tiny import save_tiny
+from composer_shear.testing import save_tiny
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent

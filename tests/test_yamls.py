@@ -12,7 +12,8 @@ from llmfoundry.utils.builders import build_algorithm, build_callback
 from llmfoundry.utils.config_utils import TRAIN_CONFIG_KEYS, TrainConfig, make_dataclass_and_log_config
 from omegaconf import OmegaConf
 
-YAMLS = sorted((Path(__file__).parent.parent / 'yamls').rglob('*.yaml'))
+ROOT = Path(__file__).parent.parent
+YAMLS = sorted([*(ROOT / 'yamls').rglob('*.yaml'), *(ROOT / 'composer_shear' / 'yamls').rglob('*.yaml')])
 
 
 def load(path, **overrides):

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from composer.core import Callback, State
 from composer.loggers import Logger
+from numpy.typing import ArrayLike
 
-from composer_shear.data.weights import UPDATE_TYPES, check_proportions, per_domain, update_weights
+from composer_shear._io import run_folder, write_text
+from composer_shear.data.weights import UPDATE_TYPES, check_proportions, per_domain, update_domain_weights
+from composer_shear.errors import ConfigError
+
+if TYPE_CHECKING:
+    from composer_shear.data.dynamic import DynamicStreamingDataset
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +33,7 @@ METRIC = 'LanguageCrossEntropy'
 HISTORY_FILE = 'dynamic_loading.json'
 
 
-def read_reference(reference, domains) -> np.ndarray:
+def read_reference(reference: str | Sequence[float] | dict[str, float], domains: Sequence[str]) -> np.ndarray:
     """Reference losses from a list, a dict by domain, a preset name or a JSON file (written by
     `composer-shear reference-loss`)."""
     name = 'dynamic_loading.reference_loss'
@@ -36,17 +43,17 @@ def read_reference(reference, domains) -> np.ndarray:
         else:
             path = Path(reference)
             if not path.exists():
-                raise ValueError(f'{name}: {reference!r} is neither a preset ({sorted(REFERENCE_PRESETS)}) '
+                raise ConfigError(f'{name}: {reference!r} is neither a preset ({sorted(REFERENCE_PRESETS)}) '
                                  'nor an existing JSON file')
             reference = json.loads(path.read_text())
             reference = reference.get('losses', reference)
     ref = np.asarray(per_domain(reference, domains, name), dtype=np.float64)
     if ref.shape != (len(domains),):
-        raise ValueError(f'{name} has {ref.size} values for {len(domains)} domains {list(domains)}')
+        raise ConfigError(f'{name} has {ref.size} values for {len(domains)} domains {list(domains)}')
     return ref
 
 
-def warn_if_too_small(ds, state: State) -> list[str]:
+def warn_if_too_small(ds: DynamicStreamingDataset, state: State) -> list[str]:
     """Warn, with numbers, about domains that the run will read more than once at the current proportions."""
     from composer.core import TimeUnit
     if state.max_duration is None:
@@ -83,46 +90,49 @@ class DynamicLoading(Callback):
     domains, reference losses, initial weights and every update's batch, losses and weights.
     """
 
-    def __init__(self, domains, initial_proportions, reference_loss, update_type: str = 'doremi',
-                 clip_negative_excess: bool = True, smoothing: float = 1e-4, history_file: str | None = None):
+    def __init__(self, domains: Iterable[str], initial_proportions: ArrayLike | dict[str, float],
+                 reference_loss: str | Sequence[float] | dict[str, float], update_type: str = 'doremi',
+                 clip_negative_excess: bool = True, smoothing: float = 1e-4, history_file: str | None = None) -> None:
         self.domains = list(domains)
         self.weights = check_proportions(initial_proportions, self.domains, 'dynamic_loading.initial_proportions')
         self.initial = self.weights.tolist()
         self.history_file = history_file
         self.reference = read_reference(reference_loss, self.domains)
         if update_type not in UPDATE_TYPES:
-            raise ValueError(f'dynamic_loading.update_type {update_type!r} is unknown; choose from {UPDATE_TYPES}')
+            raise ConfigError(f'dynamic_loading.update_type {update_type!r} is unknown; choose from {UPDATE_TYPES}')
         self.update_type = update_type
         self.clip = bool(clip_negative_excess)
         if not 0 <= smoothing < 1:
-            raise ValueError(f'dynamic_loading.smoothing must be in [0, 1), got {smoothing}')
+            raise ConfigError(f'dynamic_loading.smoothing must be in [0, 1), got {smoothing}')
         self.smoothing = float(smoothing)
         self.history: list[dict] = []  # [{'batch', 'weights', 'losses'}]
 
-    def _dataset(self, state: State):
+    def _dataset(self, state: State) -> DynamicStreamingDataset:
         ds = getattr(state.train_dataloader, 'dataset', None)
         if ds is None or not hasattr(ds, 'set_proportions'):
-            raise ValueError('dynamic_loading needs the dynamic_text train loader')
+            raise ConfigError('dynamic_loading needs the dynamic_text train loader')
         if list(ds.domains) != self.domains:
-            raise ValueError(f'dynamic_loading.domains {self.domains} differ from the train loader\'s '
+            raise ConfigError(f'dynamic_loading.domains {self.domains} differ from the train loader\'s '
                              f'domains {list(ds.domains)}')
         return ds
 
-    def fit_start(self, state: State, logger: Logger):
+    def fit_start(self, state: State, logger: Logger) -> None:
+        """Push the current weights to the train dataset and warn about domains too small for the run."""
         ds = self._dataset(state)
         ds.set_proportions(self.weights)
         warn_if_too_small(ds, state)
 
-    def eval_after_all(self, state: State, logger: Logger):
+    def eval_after_all(self, state: State, logger: Logger) -> None:
+        """Update the weights from the per-domain eval losses, push them to the dataset and log them."""
         if not state.eval_metrics:
             return
         losses = []
         for d in self.domains:
             metrics = state.eval_metrics.get(f'eval/{d}') or state.eval_metrics.get(d)
             if not metrics or METRIC not in metrics:
-                raise ValueError(f'dynamic_loading: no eval loader labelled {d!r} with {METRIC}')
+                raise ConfigError(f'dynamic_loading: no eval loader labelled {d!r} with {METRIC}')
             losses.append(float(metrics[METRIC].compute()))
-        self.weights = update_weights(self.weights, losses, self.reference, self.update_type, self.clip,
+        self.weights = update_domain_weights(self.weights, losses, self.reference, self.update_type, self.clip,
                                       self.smoothing)
         self.history.append({'batch': int(state.timestamp.batch), 'losses': losses, 'weights': self.weights.tolist()})
         self._dataset(state).set_proportions(self.weights)
@@ -130,28 +140,26 @@ class DynamicLoading(Callback):
         logger.log_metrics({f'metrics/dynamic_loading/{d}_excess_loss': loss - r
                             for d, loss, r in zip(self.domains, losses, self.reference, strict=True)})
 
-    def write_history(self, state: State):
+    def write_history(self, state: State) -> None:
         """Rank 0 writes the weight history as JSON (replaced atomically at each update)."""
         from composer.utils import dist
-
-        from composer_shear.callbacks import run_folder
         if dist.get_global_rank() != 0:
             return
         path = Path(self.history_file) if self.history_file else run_folder(state, None, HISTORY_FILE)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + '.tmp')
-        tmp.write_text(json.dumps({'domains': self.domains, 'reference_loss': self.reference.tolist(),
-                                   'update_type': self.update_type, 'initial': self.initial,
-                                   'history': self.history}, indent=1))
-        os.replace(tmp, path)
+        write_text(path, json.dumps({'domains': self.domains, 'reference_loss': self.reference.tolist(),
+                                     'update_type': self.update_type, 'initial': self.initial,
+                                     'history': self.history}, indent=1))
 
-    def batch_end(self, state: State, logger: Logger):
+    def batch_end(self, state: State, logger: Logger) -> None:
+        """Log the current domain weights."""
         logger.log_metrics({f'metrics/train/{d}_weight': float(w) for d, w in zip(self.domains, self.weights,
                                                                                    strict=True)})
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
+        """The weights and their update history (checkpointed)."""
         return {'weights': self.weights.tolist(), 'history': self.history}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the weights and history of `state_dict`."""
         self.weights = check_proportions(state['weights'], self.domains, 'checkpointed weights')
         self.history = list(state.get('history', []))

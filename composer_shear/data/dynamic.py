@@ -15,14 +15,22 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from composer_shear._io import write_text
 from composer_shear.data.plan import Cursor, Plan, interval_samples, make_plan, worker_slice
 from composer_shear.data.weights import check_proportions
+from composer_shear.errors import ConfigError
+
+if TYPE_CHECKING:
+    from composer.core import DataSpec, Evaluator
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +43,7 @@ def _scratch_dir() -> str:
     return path
 
 
-def check_local_split(folder: str, domain: str):
+def check_local_split(folder: str, domain: str) -> None:
     """Fail early, naming the file, on a missing or corrupt index, a missing shard, or an empty domain."""
     index = Path(folder, 'index.json')
     if not index.exists():
@@ -70,14 +78,15 @@ class DynamicStreamingDataset(IterableDataset):
         rank, world_size: default to Composer's distributed rank and world size.
     """
 
-    def __init__(self, local: str, domains, proportions, epoch_size: int, device_batch_size: int,
-                 max_seq_len: int, remote: str | None = None, split: str = 'train', seed: int = 17,
-                 rank: int | None = None, world_size: int | None = None, download_timeout: float = 60):
+    def __init__(self, local: str, domains: Iterable[str], proportions: ArrayLike | dict[str, float],
+                 epoch_size: int, device_batch_size: int, max_seq_len: int, remote: str | None = None,
+                 split: str = 'train', seed: int = 17, rank: int | None = None, world_size: int | None = None,
+                 download_timeout: float = 60) -> None:
         from composer.utils import dist
         from streaming import Stream, StreamingDataset
         self.domains = list(domains)
         if not self.domains:
-            raise ValueError('dynamic_text: dataset.domains is empty')
+            raise ConfigError('dynamic_text: dataset.domains is empty')
         self.proportions = check_proportions(proportions, self.domains, 'dataset.proportions')
         streams = []
         for d in self.domains:
@@ -99,7 +108,7 @@ class DynamicStreamingDataset(IterableDataset):
         self.batch = int(device_batch_size)
         self.epoch_size = int(epoch_size)
         if self.epoch_size < self.world * self.batch or self.epoch_size % (self.world * self.batch):
-            raise ValueError(f'dynamic_text: dataset.epoch_size {self.epoch_size} must be a positive multiple of '
+            raise ConfigError(f'dynamic_text: dataset.epoch_size {self.epoch_size} must be a positive multiple of '
                              f'the global batch ({self.world} ranks x {self.batch}); use interval batches x '
                              'global batch size')
         self._dir = _scratch_dir()
@@ -108,7 +117,7 @@ class DynamicStreamingDataset(IterableDataset):
         self._pinned = None  # proportions of an interval resumed mid-way
 
     # main process ------------------------------------------------------------------------------------------
-    def set_proportions(self, proportions):
+    def set_proportions(self, proportions: ArrayLike | dict[str, float]) -> None:
         """New proportions; they apply from the next interval."""
         self.proportions = check_proportions(proportions, self.domains, 'proportions')
 
@@ -121,9 +130,7 @@ class DynamicStreamingDataset(IterableDataset):
         for d in sorted(set(wrapped)):
             log.warning('dynamic_text: domain %r ran out of samples (%d) in interval %d; reshuffling it and '
                         'reading it again', self.domains[d], self.sizes[d], plan.epoch)
-        tmp = Path(self._dir, f'.plan.{os.getpid()}')
-        tmp.write_text(json.dumps(plan.to_dict()))
-        os.replace(tmp, Path(self._dir, 'plan.json'))
+        write_text(Path(self._dir, 'plan.json'), json.dumps(plan.to_dict()))  # workers never see a partial plan
         self.plan = plan
         self._next_epoch, self._next_cursor, self._next_skip = plan.epoch + 1, plan.end, 0
         return plan
@@ -146,7 +153,8 @@ class DynamicStreamingDataset(IterableDataset):
         return {'epoch': self.plan.epoch, 'sample_in_epoch': int(num_samples), 'cursor': self.plan.start.to_dict(),
                 'proportions': [float(x) for x in self.plan.proportions]}
 
-    def load_state_dict(self, state: dict):
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from `state_dict`: the next interval starts where the checkpointed one stood."""
         self._next_epoch = int(state['epoch'])
         self._next_cursor = Cursor(**state['cursor'])
         self._next_skip = int(state['sample_in_epoch'])
@@ -162,7 +170,7 @@ class DynamicStreamingDataset(IterableDataset):
             raise RuntimeError('dynamic_text: no interval planned; iterate through the dynamic_text DataLoader')
         return Plan.from_dict(json.loads(path.read_text()))
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict]:
         plan = self._current_plan()
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
@@ -195,14 +203,14 @@ def collate(samples: list[dict]) -> dict:
 class DynamicLoader(DataLoader):
     """A DataLoader that plans each interval in the main process before its workers start it."""
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict]:
         self.dataset.start_interval()
         return super().__iter__()
 
 
-def build_dynamic_text_dataloader(tokenizer, device_batch_size: int, dataset: dict, drop_last: bool = True,
+def build_dynamic_text_dataloader(tokenizer: Any, device_batch_size: int, dataset: dict, drop_last: bool = True,
                                   num_workers: int = 2, pin_memory: bool = False, prefetch_factor: int | None = 2,
-                                  persistent_workers: bool = True, timeout: float = 0):
+                                  persistent_workers: bool = True, timeout: float = 0) -> DataSpec:
     """llm-foundry dataloader `dynamic_text`: returns a Composer DataSpec."""
     from composer.core import DataSpec
     ds = DynamicStreamingDataset(device_batch_size=device_batch_size, **dataset)
@@ -216,7 +224,7 @@ def build_dynamic_text_dataloader(tokenizer, device_batch_size: int, dataset: di
 class DomainEvalSet(IterableDataset):
     """One domain's eval split (`{local}/eval/{domain}`), partitioned over ranks by streaming."""
 
-    def __init__(self, local: str, domain: str, batch_size: int, max_seq_len: int, domain_id: int = 0):
+    def __init__(self, local: str, domain: str, batch_size: int, max_seq_len: int, domain_id: int = 0) -> None:
         from streaming import StreamingDataset
         check_local_split(os.path.join(local, 'eval', domain), domain)
         self.store = StreamingDataset(local=os.path.join(local, 'eval', domain), batch_size=batch_size, shuffle=False)
@@ -225,13 +233,13 @@ class DomainEvalSet(IterableDataset):
     def __len__(self) -> int:
         return len(self.store)  # this rank's share
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict]:
         for s in self.store:
             ids = np.asarray(s['tokens'][:self.max_seq_len]).astype(np.int64)
             yield {'input_ids': torch.from_numpy(ids), 'domain': self.domain_id}
 
 
-def domain_evaluators(local: str, domains, batch_size: int, max_seq_len: int):
+def domain_evaluators(local: str, domains: Iterable[str], batch_size: int, max_seq_len: int) -> list[Evaluator]:
     """Composer Evaluators labelled with the domain names (what `dynamic_loading` reads), LanguageCrossEntropy."""
     from composer.core import Evaluator
     return [Evaluator(label=d, metric_names=['LanguageCrossEntropy'], dataloader=DataLoader(

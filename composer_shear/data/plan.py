@@ -8,12 +8,15 @@ exhausted, the next pass starts with a fresh permutation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
-def quota(proportions, total: int) -> np.ndarray:
+def quota(proportions: ArrayLike, total: int) -> np.ndarray:
     """Integer samples per domain summing to `total` (largest remainder)."""
     p = np.asarray(proportions, dtype=np.float64)
     raw = p / p.sum() * total
@@ -35,7 +38,8 @@ class Cursor:
     def start(cls, k: int) -> Cursor:
         return cls([0] * k, [0] * k)
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, list[int]]:
+        """JSON-serializable form (plain ints)."""
         return {'passes': list(map(int, self.passes)), 'offsets': list(map(int, self.offsets))}
 
 
@@ -50,7 +54,7 @@ def permutation(seed: int, domain: int, pass_: int, size: int, cache: dict | Non
     return perm
 
 
-def advance(cursor: Cursor, counts, sizes) -> tuple[Cursor, list[int]]:
+def advance(cursor: Cursor, counts: Sequence[int] | np.ndarray, sizes: Sequence[int]) -> tuple[Cursor, list[int]]:
     """The cursor after reading `counts[d]` samples of every domain, and the domains that ran out on the way."""
     passes, offsets, wrapped = list(cursor.passes), list(cursor.offsets), []
     for d, (n, size) in enumerate(zip(counts, sizes, strict=True)):
@@ -62,7 +66,8 @@ def advance(cursor: Cursor, counts, sizes) -> tuple[Cursor, list[int]]:
     return Cursor(passes, offsets), wrapped
 
 
-def take(cursor: Cursor, counts, sizes, seed: int, cache: dict | None = None) -> list[np.ndarray]:
+def take(cursor: Cursor, counts: Sequence[int], sizes: Sequence[int], seed: int,
+         cache: dict | None = None) -> list[np.ndarray]:
     """The next `counts[d]` local sample indices of every domain; a domain that runs out is reshuffled (its next
     pass) and read again."""
     out = []
@@ -88,23 +93,27 @@ class Plan:
     counts: list
     skip: int = 0  # global samples of this interval already consumed (resume)
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable form (plain ints and floats)."""
         return {'epoch': self.epoch, 'proportions': [float(x) for x in self.proportions],
                 'start': self.start.to_dict(), 'end': self.end.to_dict(), 'counts': list(map(int, self.counts)),
                 'skip': int(self.skip)}
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        """Inverse of `to_dict`."""
         return cls(d['epoch'], d['proportions'], Cursor(**d['start']), Cursor(**d['end']), d['counts'], d['skip'])
 
 
-def make_plan(epoch: int, proportions, start: Cursor, total: int, sizes, seed: int, skip: int = 0) -> tuple[Plan, list]:
+def make_plan(epoch: int, proportions: Sequence[float] | np.ndarray, start: Cursor, total: int, sizes: Sequence[int],
+              seed: int, skip: int = 0) -> tuple[Plan, list]:
+    """The plan of interval `epoch` (`total` samples at `proportions` from `start`), and the domains that run out."""
     counts = quota(proportions, total)
     end, wrapped = advance(start, counts, sizes)
     return Plan(epoch, list(proportions), start, end, counts.tolist(), skip), wrapped
 
 
-def interval_samples(plan: Plan, sizes, seed: int, cache: dict | None = None) -> np.ndarray:
+def interval_samples(plan: Plan, sizes: Sequence[int], seed: int, cache: dict | None = None) -> np.ndarray:
     """Global (domain, local index) pairs of the whole interval, in a seeded random order: shape [total, 2]."""
     picks = take(plan.start, plan.counts, sizes, seed, cache)
     pairs = np.concatenate([np.stack([np.full(len(p), d), p], 1) for d, p in enumerate(picks)] or

@@ -19,9 +19,12 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from composer_shear._io import write_text
 
 SUFFIXES = ('.jsonl', '.jsonl.gz', '.jsonl.zst')
 MANIFEST = 'manifest.json'
@@ -31,7 +34,7 @@ def domain_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob('*') if p.is_file() and p.name.endswith(SUFFIXES))
 
 
-def find_domains(inputs) -> dict[str, Path]:
+def find_domains(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> dict[str, Path]:
     """Domain name -> folder. One folder of domain folders, or a list of domain folders."""
     inputs = [Path(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
     for p in inputs:
@@ -56,7 +59,7 @@ def domain_files_shallow(folder: Path) -> bool:
     return any(p.is_file() and p.name.endswith(SUFFIXES) for p in folder.iterdir())
 
 
-def read_texts(path: Path):
+def read_texts(path: Path) -> Iterator[str]:
     """Yield the `text` of every line; a clear error names the file and line otherwise."""
     errors = (OSError, EOFError, UnicodeDecodeError)  # corrupt or truncated files: name them, no traceback
     if path.name.endswith('.gz'):
@@ -84,7 +87,9 @@ def read_texts(path: Path):
         raise ValueError(f'prepare-data: cannot read {path} after line {n} ({e})') from e
 
 
-def fingerprint(domains: dict[str, Path], tokenizer_dir, max_seq_len, eval_fraction, seed) -> str:
+def fingerprint(domains: dict[str, Path], tokenizer_dir: str | os.PathLike, max_seq_len: int, eval_fraction: float,
+                seed: int) -> str:
+    """A hash of the input files (names, sizes, mtimes), the tokenizer files and the settings."""
     h = hashlib.sha256()
     for name, folder in sorted(domains.items()):
         for f in domain_files(folder):
@@ -110,14 +115,15 @@ class Packer:
     """One split of one domain: documents' tokens concatenated and cut into `seq_len` rows, written to MDS as
     they fill (the tail that does not fill a row is dropped at the end). Carries less than one row between calls."""
 
-    def __init__(self, folder: Path, seq_len: int, dtype: str, size_limit: int):
+    def __init__(self, folder: Path, seq_len: int, dtype: str, size_limit: int) -> None:
         from streaming import MDSWriter
         self.writer = MDSWriter(out=str(folder), columns={'tokens': f'ndarray:{dtype}'}, size_limit=size_limit)
         self.seq_len, self.dtype = seq_len, dtype
         self.carry = np.zeros(0, dtype=dtype)
         self.documents = self.sequences = 0
 
-    def add(self, token_lists):
+    def add(self, token_lists: Sequence[Sequence[int]]) -> None:
+        """Append documents' tokens and write every full row."""
         self.documents += len(token_lists)
         flat = np.concatenate([self.carry, *(np.asarray(ids, dtype=self.dtype) for ids in token_lists)])
         n = len(flat) // self.seq_len
@@ -131,7 +137,7 @@ class Packer:
         return {'documents': self.documents, 'tokens': self.sequences * self.seq_len, 'sequences': self.sequences}
 
 
-def batches(texts, max_chars: int = 1 << 18, max_docs: int = 256):
+def batches(texts: Iterable[str], max_chars: int = 1 << 18, max_docs: int = 256) -> Iterator[list[str]]:
     """Group documents for batched tokenization, 256 KiB of text at a time."""
     batch, chars = [], 0
     for t in texts:
@@ -144,12 +150,14 @@ def batches(texts, max_chars: int = 1 << 18, max_docs: int = 256):
         yield batch
 
 
-def remove(folders):
+def remove(folders: Iterable[str | os.PathLike]) -> None:
+    """Delete folders, ignoring missing ones."""
     for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def prepare(inputs, tokenizer_dir, out, max_seq_len: int, eval_fraction: float = 0.1, seed: int = 17,
+def prepare(inputs: str | os.PathLike | Iterable[str | os.PathLike], tokenizer_dir: str | os.PathLike,
+            out: str | os.PathLike, max_seq_len: int, eval_fraction: float = 0.1, seed: int = 17,
             progress: bool = True, shard_bytes: int = 1 << 26) -> dict:
     """Tokenize and pack every domain (see the module's docstring); returns the manifest. `shard_bytes`: MDS
     shard size (streaming's default); a shard being written is held in memory."""
@@ -207,7 +215,5 @@ def prepare(inputs, tokenizer_dir, out, max_seq_len: int, eval_fraction: float =
             final = out / split / name
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp[split], final)
-    tmp = out / f'.{MANIFEST}.tmp-{os.getpid()}'
-    tmp.write_text(json.dumps(manifest, indent=2) + '\n')
-    os.replace(tmp, manifest_path)
+    write_text(manifest_path, json.dumps(manifest, indent=2) + '\n')
     return manifest

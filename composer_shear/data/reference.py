@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from composer_shear._io import write_text
 
-def eval_loss(model, local: str, domain: str, max_seq_len: int, batch_size: int = 8, max_batches: int | None = None,
-              split: str = 'eval') -> tuple[float, int]:
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+__all__ = ['eval_loss', 'reference_loss']
+
+
+def eval_loss(model: PreTrainedModel, local: str | os.PathLike, domain: str, max_seq_len: int, batch_size: int = 8,
+              max_batches: int | None = None, split: str = 'eval') -> tuple[float, int]:
     """Token-weighted mean next-token CE of one domain's eval split, and the tokens scored."""
     from streaming import LocalDataset  # no shared memory: StreamingDatasets made in a loop leak descriptors
     ds = LocalDataset(os.path.join(local, split, domain))
@@ -31,7 +42,8 @@ def eval_loss(model, local: str, domain: str, max_seq_len: int, batch_size: int 
     return total / count, count
 
 
-def reference_loss(model_dir, data, out, max_batches: int | None = None, batch_size: int = 8,
+def reference_loss(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
+                   max_batches: int | None = None, batch_size: int = 8,
                    device: str | None = None, dtype: torch.dtype = torch.float32) -> dict:
     """Write `out` (JSON: per-domain losses and tokens scored) for `dynamic_loading`'s `reference_loss`.
     `device`: default cuda when there is one; the loss itself is always accumulated in fp32."""
@@ -42,12 +54,8 @@ def reference_loss(model_dir, data, out, max_batches: int | None = None, batch_s
     losses, tokens = {}, {}
     for d in manifest['domains']:
         losses[d], tokens[d] = eval_loss(model, data, d, manifest['max_seq_len'], batch_size, max_batches)
-        print(f'{d}: loss {losses[d]:.4f} over {tokens[d]} tokens', flush=True)
+        log.info('reference loss of %s: %.4f over %d tokens', d, losses[d], tokens[d])
     result = {'model': str(model_dir), 'data': str(data), 'device': str(device),
               'dtype': str(dtype).removeprefix('torch.'), 'losses': losses, 'tokens': tokens}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f'.{out.name}.tmp-{os.getpid()}')
-    tmp.write_text(json.dumps(result, indent=2) + '\n')
-    os.replace(tmp, out)
+    write_text(out, json.dumps(result, indent=2) + '\n')
     return result

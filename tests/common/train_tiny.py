@@ -1,5 +1,6 @@
-"""Prune a tiny model with Composer's Trainer. Run in-process (`run(...)`) or with the launcher:
-`composer -n 2 tests/train_tiny.py OUT_DIR [key=value ...]` (FSDP2 with FSDP_VERSION=2 and fsdp=1)."""
+"""Prune a tiny model with Composer's Trainer. Run in-process (`run(...)`) or with the launcher, from the
+repository root: `composer -n 2 -m tests.common.train_tiny OUT_DIR [key=value ...]` (FSDP2 with FSDP_VERSION=2 and
+fsdp=1)."""
 
 import json
 import os
@@ -13,34 +14,13 @@ from composer.devices import DeviceCPU
 from composer.optim import CosineAnnealingScheduler, DecoupledAdamW
 from composer.utils import dist
 from llmfoundry.models.hf import ComposerHFCausalLM
-from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).parent))
-from composer_shear.algorithm import ShearPruning  # noqa: E402
-from composer_shear.callbacks import PruningMonitor  # noqa: E402
+from composer_shear.algorithm import ShearPruning
+from composer_shear.callbacks import PruningMonitor
+from composer_shear.testing import TARGET, Tokens, loader, save_tiny
 
-from tiny import save_tiny  # noqa: E402
-
-TARGET = dict(num_hidden_layers=3, hidden_size=48, num_attention_heads=4, num_key_value_heads=1,
-              intermediate_size=40)
-
-
-class Tokens(Dataset):
-    """Deterministic token sequences with structure (each row an arithmetic progression mod vocab)."""
-
-    def __init__(self, n, seq, vocab, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        start = torch.randint(3, vocab, (n, 1), generator=g)
-        step = torch.randint(1, 5, (n, 1), generator=g)
-        self.ids = 3 + (start + step * torch.arange(seq)) % (vocab - 3)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        ids = self.ids[i]
-        return {'input_ids': ids, 'attention_mask': torch.ones_like(ids), 'labels': ids.clone()}
+__all__ = ['TARGET', 'LossLog', 'Tokens', 'loader', 'run']
 
 
 class LossLog(Callback):
@@ -54,10 +34,6 @@ class LossLog(Callback):
 
     def batch_end(self, state, logger):
         time.sleep(self.sleep)
-
-
-def loader(ds, batch):
-    return DataLoader(ds, batch_size=batch, sampler=dist.get_sampler(ds, shuffle=False), drop_last=True)
 
 
 def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_interval='40ba', autoresume=False,

@@ -1,5 +1,6 @@
-"""Pruning with dynamic batch loading and per-domain eval on a tiny model. Run with the launcher:
-`composer -n 2 tests/train_dynamic.py OUT_DIR [fsdp] [resume=CHECKPOINT]` (FSDP2 also needs FSDP_VERSION=2)."""
+"""Pruning with dynamic batch loading and per-domain eval on a tiny model. Run with the launcher, from the
+repository root: `composer -n 2 -m tests.common.train_dynamic OUT_DIR [fsdp] [resume=CHECKPOINT]` (FSDP2 also needs
+FSDP_VERSION=2)."""
 
 import json
 import sys
@@ -16,13 +17,10 @@ from llmfoundry.models.hf import ComposerHFCausalLM
 from streaming import MDSWriter
 from transformers import AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).parent))
-from composer_shear.algorithm import ShearPruning  # noqa: E402
-from composer_shear.data.callback import DynamicLoading  # noqa: E402
-from composer_shear.data.dynamic import build_dynamic_text_dataloader, domain_evaluators  # noqa: E402
-
-from tiny import save_tiny  # noqa: E402
-from train_tiny import TARGET  # noqa: E402
+from composer_shear.algorithm import ShearPruning
+from composer_shear.data.callback import DynamicLoading
+from composer_shear.data.dynamic import build_dynamic_text_dataloader, domain_evaluators
+from composer_shear.testing import TARGET, save_tiny
 
 DOMAINS = ['alpha', 'beta', 'gamma']
 REFERENCE = [1.0, 1.5, 0.5]
