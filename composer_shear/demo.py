@@ -132,7 +132,8 @@ def plots(out: Path, domains: Sequence[str], history_by_stage: dict, report: dic
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo (see the module's docstring); returns the exit status."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog='composer-shear demo', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', default='demo_out', help='output folder (created)')
     p.add_argument('--prune-steps', type=int, default=None, help="default: yamls/demo/prune.yaml's max_duration")
     p.add_argument('--continue-steps', type=int, default=None, help="default: yamls/demo/continue.yaml's")

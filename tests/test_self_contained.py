@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from composer_shear.testing import tiny_tokenizer
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / 'data'
 MC = dict(continuation_delimiter='\nAnswer: ')
@@ -105,19 +107,6 @@ def test_a_copy_of_the_tracked_files_works_alone(tmp_path):
         assert str(ROOT / own) not in out, f'the copy ran {own} from the original checkout'
 
 
-def char_tokenizer():
-    """A character-level tokenizer (printable ASCII, 0: <unk>, 1: <s>, 2: </s> which also pads), built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    chars = [chr(c) for c in range(32, 127)]
-    vocab = {'<unk>': 0, '<s>': 1, '</s>': 2} | {c: i + 3 for i, c in enumerate(chars)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
-    tok.pre_tokenizer = pre_tokenizers.Split('', behavior='isolated')
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token='<unk>', bos_token='<s>', eos_token='</s>',
-                                   pad_token='</s>', model_input_names=['input_ids', 'attention_mask'])
-
-
 def readme_counts():
     """{file name: examples} from the ICL table of data/README.md."""
     lines = (DATA / 'README.md').read_text().splitlines()
@@ -140,7 +129,7 @@ def test_shipped_icl_tasks_parse(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, 'HF_HUB_OFFLINE', True)
     counts = readme_counts()
     assert set(counts) == {f'{t}.jsonl' for t in ICL_TASKS}, counts
-    tok = char_tokenizer()
+    tok = tiny_tokenizer(vocab_size=98)  # every printable ASCII character
     seq, n_sub = 256, 20
 
     def spelled(ids):  # the text of a token span, or None where it holds characters outside the vocabulary
