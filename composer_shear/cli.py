@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 DTYPES = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
+DEFAULT_TASKS = Path(__file__).resolve().parent.parent / 'yamls' / 'eval' / 'paper_tasks.yaml'  # in a checkout
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -53,6 +55,30 @@ def _reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from composer_shear.errors import ConfigError
+    from composer_shear.icl import load_tasks, results_table
+    for folder in args.models:  # every input is checked before a model is loaded
+        if not Path(folder, 'config.json').is_file():
+            raise ConfigError(f'{folder} is not a Hugging Face model folder (no config.json)')
+    if args.out and Path(args.out).is_dir():
+        raise ConfigError(f'--out {args.out} is a folder; give a file name (FILE.md and FILE.json are written)')
+    if args.batch_size < 1 or args.max_seq_len < 1:
+        raise ConfigError('--batch-size and --max-seq-len must be positive')
+    with tempfile.TemporaryDirectory(prefix='composer_shear_tasks_') as work:
+        tasks = load_tasks(args.tasks, args.limit, work)
+        from composer_shear.icl import evaluate_models, write_results
+        results = evaluate_models(args.models, tasks, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
+                                  device=args.device)
+    print(results_table(results), end='')
+    if args.out:
+        md, js = write_results(results, args.out)
+        print(f'wrote {md} and {js}')
+    return 0
+
+
 def _assets(args: argparse.Namespace) -> int:
     from composer_shear.assets import smollm2_dir
     print(smollm2_dir(args.cache_dir, args.dtype))
@@ -71,6 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--cache-dir', default=None, help='default: $COMPOSER_SHEAR_CACHE or ~/.cache/composer_shear')
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
     p.set_defaults(func=_assets)
+
+    p = sub.add_parser('eval', help='downstream accuracy of HF model folders with llm-foundry\'s ICL evaluator')
+    p.add_argument('models', nargs='+', metavar='MODEL_DIR', help='Hugging Face model folders')
+    p.add_argument('--tasks', default=str(DEFAULT_TASKS), help='an llm-foundry tasks YAML (icl_tasks, eval_gauntlet); '
+                   'default: yamls/eval/paper_tasks.yaml')
+    p.add_argument('--limit', type=int, help='the first N examples of each task (a subsample; same for every model)')
+    p.add_argument('--out', help='write the table to OUT.md and OUT.json')
+    p.add_argument('--batch-size', type=int, default=8)
+    p.add_argument('--max-seq-len', type=int, default=1024)
+    p.add_argument('--device', choices=['cpu', 'gpu'], help='default: gpu when CUDA is available')
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser('export', help='masked Composer checkpoint -> pruned Hugging Face model folder')
     p.add_argument('--checkpoint', required=True, help='a Composer checkpoint: a .pt file or a sharded folder')

@@ -13,7 +13,8 @@ from llmfoundry.utils.config_utils import TRAIN_CONFIG_KEYS, TrainConfig, make_d
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).parent.parent
-YAMLS = sorted([*(ROOT / 'yamls').rglob('*.yaml'), *(ROOT / 'composer_shear' / 'yamls').rglob('*.yaml')])
+YAMLS = sorted(p for p in [*(ROOT / 'yamls').rglob('*.yaml'), *(ROOT / 'composer_shear' / 'yamls').rglob('*.yaml')]
+               if p.parent.name != 'eval')  # training YAMLs (yamls/eval/ holds ICL task lists: tests/test_icl.py)
 
 
 def load(path, **overrides):
