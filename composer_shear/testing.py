@@ -40,6 +40,7 @@ from composer_shear.shapes import ModelShape
 __all__ = [
     'TARGET',
     'Tokens',
+    'write_sums_task',
     'llama_config',
     'loader',
     'random_masks',
@@ -238,3 +239,23 @@ def write_domains(root: Path, sizes: Mapping[str, int], seq: int = 8, split: str
             for i in range(n):
                 w.write({'tokens': np.array([d] + [i] * (seq - 1), dtype=np.uint16)})
     return root
+
+
+def write_sums_task(folder: str | os.PathLike, n: int = 6) -> Path:
+    """A tiny ICL tasks YAML for tests: `n` short multiple-choice sums ("3 plus 4 is" -> 7 / 8 / -1, gold 0) in
+    llm-foundry's jsonl format, 0-shot, with a gauntlet entry (chance 1/3). Fits a 32-token context with a
+    character-level tokenizer. Returns the YAML's path (its dataset_uri is absolute)."""
+    import json
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = [(1 + i % 7, 1 + (3 * i) % 5) for i in range(n)]
+    rows = [{'query': f'{a} plus {b} is', 'choices': [str(a + b), str(a + b + 1), str(a - b)], 'gold': 0}
+            for a, b in pairs]
+    (folder / 'sums.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    path = folder / 'tasks.yaml'
+    path.write_text(
+        f'icl_tasks:\n- {{label: sums, dataset_uri: {folder / "sums.jsonl"}, icl_task_type: multiple_choice, '
+        'num_fewshot: [0]}\n'
+        'eval_gauntlet:\n  weighting: EQUAL\n  subtract_random_baseline: true\n  rescale_accuracy: true\n'
+        '  categories:\n  - {name: all, benchmarks: [{name: sums, num_fewshot: 0, random_baseline: 0.3333}]}\n')
+    return path

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,8 +14,16 @@ pytestmark = pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     env = {**os.environ, 'COMPOSER_SHEAR_CACHE': os.environ.get('COMPOSER_SHEAR_CACHE') or str(tmp_path / 'cache')}
     out = tmp_path / 'demo'
+    icl = Path(__file__).resolve().parent.parent / 'data' / 'icl'
+    (tmp_path / 'tasks.yaml').write_text(  # two 0-shot tasks of the paper's (the full set is slow for a test)
+        'icl_tasks:\n'
+        f'- {{label: arc_easy, dataset_uri: {icl}/arc_easy.jsonl, icl_task_type: multiple_choice, num_fewshot: [0],'
+        ' continuation_delimiter: "\\nAnswer: "}\n'
+        f'- {{label: piqa, dataset_uri: {icl}/piqa.jsonl, icl_task_type: multiple_choice, num_fewshot: [0],'
+        ' continuation_delimiter: "\\nAnswer: "}\n')
     cmd = [sys.executable, '-m', 'composer_shear.cli', 'demo', '--out', str(out), '--prune-steps', '4',
-           '--continue-steps', '2', '--interval', '2', '--eval-seqs', '8']
+           '--continue-steps', '2', '--interval', '2', '--eval-seqs', '8', '--tasks', str(tmp_path / 'tasks.yaml'),
+           '--icl-limit', '6']
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
     assert res.returncode == 0, res.stderr[-4000:]
     table = (out / 'results.md').read_text()
@@ -28,6 +37,10 @@ def test_demo_runs_end_to_end(tmp_path):
         log = json.loads((out / stage / 'dynamic_loading.json').read_text())
         assert log['domains'] == ['code', 'reference', 'licenses'] and len(log['history']) == updates
     assert log['initial'] != [0.6, 0.1, 0.3]  # continued pre-training starts from the pruning stage's weights
+    assert '## Downstream accuracy' in table and '| arc_easy/0-shot | 6 |' in table
+    down = json.loads((out / 'downstream.json').read_text())
+    assert list(down['models']) == ['source', 'pruned', 'pruned + continued']
+    assert all(len(m['per_example']['piqa/0-shot']) == 6 for m in down['models'].values())
 
 
 def test_corpus_follows_the_yaml_domains(tmp_path):

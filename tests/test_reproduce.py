@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from composer_shear.testing import TARGET, save_tiny
+from composer_shear.testing import TARGET, save_tiny, write_sums_task
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
@@ -25,10 +25,12 @@ def test_reproduce_tiny_budget(tmp_path):
         (tmp_path / 'corpus' / domain.name).mkdir(parents=True)
         (tmp_path / 'corpus' / domain.name / 'docs.jsonl').write_text('\n'.join(docs) + '\n')
     save_tiny(tmp_path / 'model')
+    tasks = write_sums_task(tmp_path / 'icl')  # 6 short multiple-choice questions (the tiny model: 128 positions)
     out = tmp_path / 'out'
     res = subprocess.run([sys.executable, str(ROOT / 'bench' / 'reproduce.py'), '--budget', 'tiny', '--out', str(out),
                           '--source', str(tmp_path / 'model'), '--data', str(tmp_path / 'corpus'),
-                          '--target', json.dumps(TARGET)], capture_output=True, text=True, timeout=900)
+                          '--target', json.dumps(TARGET), '--tasks', str(tasks), '--icl-limit', '5',
+                          '--icl-max-seq-len', '128'], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     results = json.loads((out / 'results.json').read_text())
     assert set(results['arms']) == {'sheared', 'constant', 'oneshot', 'scratch'}
@@ -40,7 +42,12 @@ def test_reproduce_tiny_budget(tmp_path):
         'prune']['initial']
     assert results['arms']['sheared']['stages']['prune']['weights'] != results['arms']['sheared']['stages'][
         'prune']['initial']
+    down = results['downstream']
+    assert list(down['models']) == ['source', 'sheared', 'constant', 'oneshot', 'scratch']
+    assert down['examples'] == {'sums': 5} and all(len(m['per_example']['sums/0-shot']) == 5
+                                                   for m in down['models'].values())
     table = (out / 'results.md').read_text()
+    assert '| source | ' in table and 'first 5 examples of each task' in table
     assert '| sheared (loss) |' in table and 'Pruned beats from scratch' in table
     for png in ('loss_curves.png', 'domain_weights.png', 'domain_loss.png'):
         assert (out / png).stat().st_size > 1000

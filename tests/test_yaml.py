@@ -10,7 +10,7 @@ import pytest
 from streaming import MDSWriter
 from transformers import AutoModelForCausalLM
 
-from composer_shear.testing import save_tiny
+from composer_shear.testing import save_tiny, write_sums_task
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
@@ -65,3 +65,15 @@ def test_yaml_mistakes_fail_before_training(workdir):
     res = train(workdir, 'algorithms.shear_pruning.lag_learning_rate=1.0', 'save_folder=null')
     assert res.returncode != 0 and 'lag_learning_rate' in res.stderr
     assert 'train/batch' not in res.stdout  # no step ran
+
+
+def test_icl_tasks_in_a_pruning_yaml(workdir):
+    """llm-foundry's icl_tasks key in a pruning YAML: the masked model (exact-target masks) is scored at each eval
+    and Composer logs the task's accuracy."""
+    tasks = write_sums_task(workdir / 'icl')
+    res = train(workdir, f'icl_tasks_str={tasks}', 'max_duration=20ba',
+                'algorithms.shear_pruning.eval_target_shape=true', 'save_folder=null')
+    assert res.returncode == 0, res.stderr[-4000:]
+    log = res.stdout + res.stderr
+    assert 'metrics/sums/0-shot/InContextLearningMultipleChoiceAccuracy' in log
+
