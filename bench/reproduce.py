@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from composer_shear.icl import DEFAULT_TASKS
+from composer_shear.icl import DEFAULT_MAX_SEQ_LEN, DEFAULT_TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / 'data' / 'redpajama_sample'
@@ -178,7 +178,7 @@ def run(args) -> dict:
         from composer_shear.icl import evaluate_models
         print('=== downstream (llm-foundry ICL) ===', flush=True)
         results['downstream'] = evaluate_models([source, *(results['arms'][a]['model'] for a in ARMS)], tasks,
-                                                batch_size=8, max_seq_len=args.icl_max_seq_len,
+                                                max_seq_len=args.icl_max_seq_len,
                                                 names=['source', *ARMS])
         (out / 'results.json').write_text(json.dumps(results, indent=1))
     return results
@@ -289,7 +289,7 @@ def main(argv=None) -> int:
     p.add_argument('--target', help='JSON target shape (default: composer_shear/yamls/demo/prune.yaml\'s)')
     p.add_argument('--tasks', default=str(DEFAULT_TASKS), help='downstream tasks YAML ("none" to skip)')
     p.add_argument('--icl-limit', type=int, default=100, help='the first N examples of each downstream task')
-    p.add_argument('--icl-max-seq-len', type=int, default=2048)
+    p.add_argument('--icl-max-seq-len', type=int, default=DEFAULT_MAX_SEQ_LEN)
     args = p.parse_args(argv)
     if args.run_stage:
         stage_main(*args.run_stage)

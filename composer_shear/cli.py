@@ -99,13 +99,14 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser('eval', help='downstream accuracy of HF model folders with llm-foundry\'s ICL evaluator')
     p.add_argument('models', nargs='+', metavar='MODEL_DIR', help='Hugging Face model folders')
-    from composer_shear.icl import DEFAULT_TASKS
+    from composer_shear.icl import DEFAULT_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, DEFAULT_TASKS
     p.add_argument('--tasks', default=str(DEFAULT_TASKS), help='an llm-foundry tasks YAML (icl_tasks, eval_gauntlet); '
                    'default: yamls/eval/paper_tasks.yaml')
     p.add_argument('--limit', type=int, help='the first N examples of each task (a subsample; same for every model)')
     p.add_argument('--out', help='write the table to OUT.md and OUT.json')
-    p.add_argument('--batch-size', type=int, default=8)
-    p.add_argument('--max-seq-len', type=int, default=1024)
+    p.add_argument('--batch-size', type=int, default=DEFAULT_BATCH_SIZE, help='questions per eval batch')
+    p.add_argument('--max-seq-len', type=int, default=DEFAULT_MAX_SEQ_LEN,
+                   help='ICL context length (every sequence is padded to it; longer prompts are trimmed)')
     p.add_argument('--device', choices=['cpu', 'gpu'], help='default: gpu when CUDA is available')
     p.set_defaults(func=_eval)
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from composer_shear.errors import ConfigError
-from composer_shear.icl import DEFAULT_TASKS
+from composer_shear.icl import DEMO_TASKS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -142,9 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument('--interval', type=int, default=None, help="steps between evaluation and re-weighting "
                    "(default: the YAMLs' variables.interval_batches)")
     p.add_argument('--eval-seqs', type=int, default=32, help='eval sequences per domain for the final table')
-    p.add_argument('--tasks', default=str(DEFAULT_TASKS), help='downstream tasks (an llm-foundry tasks YAML; '
-                   'default: yamls/eval/paper_tasks.yaml of the checkout); "none" skips downstream accuracy')
-    p.add_argument('--icl-limit', type=int, default=40, help='downstream: the first N examples of each task')
+    p.add_argument('--tasks', default=str(DEMO_TASKS), help='downstream tasks (an llm-foundry tasks YAML; '
+                   'default: yamls/eval/demo_tasks.yaml of the checkout, 0-shot); "none" skips downstream accuracy')
+    p.add_argument('--icl-limit', type=int, default=20, help='downstream: the first N examples of each task '
+                   '(~2 min per model on 2 CPU cores at 20)')
     args = p.parse_args(argv)
 
     from omegaconf import OmegaConf
@@ -232,8 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if tasks is not None:
         step(8, f'downstream accuracy (llm-foundry ICL, first {args.icl_limit} examples of each task)')
         from composer_shear.icl import evaluate_models, results_table, write_results
-        icl = evaluate_models([source_dir, pruned_dir, final_dir], tasks, batch_size=8, max_seq_len=2048,
-                              names=[r[0] for r in rows])
+        icl = evaluate_models([source_dir, pruned_dir, final_dir], tasks, names=[r[0] for r in rows])
         write_results(icl, out / 'downstream')
         lines += ['', '## Downstream accuracy', '', results_table(icl)]
     text = '\n'.join(lines) + '\n'

@@ -27,7 +27,8 @@ from composer_shear.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ['DEFAULT_TASKS', 'TaskSet', 'evaluate_models', 'load_tasks', 'results_table']
+__all__ = ['DEFAULT_BATCH_SIZE', 'DEFAULT_MAX_SEQ_LEN', 'DEFAULT_TASKS', 'DEMO_TASKS', 'TaskSet', 'evaluate_models',
+           'load_tasks', 'results_table', 'write_results']
 
 # the fields each task type reads from a line of its jsonl file, and their JSON types
 TASK_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -36,7 +37,14 @@ TASK_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     'language_modeling': {'context': str, 'continuation': str},
 }
 TASK_KEYS = ('label', 'dataset_uri', 'icl_task_type', 'num_fewshot')
-DEFAULT_TASKS = Path(__file__).resolve().parent.parent / 'yamls' / 'eval' / 'paper_tasks.yaml'  # in a checkout
+EVAL_YAMLS = Path(__file__).resolve().parent.parent / 'yamls' / 'eval'  # in a checkout
+DEFAULT_TASKS = EVAL_YAMLS / 'paper_tasks.yaml'
+DEMO_TASKS = EVAL_YAMLS / 'demo_tasks.yaml'  # 0-shot only: fits the demo's time on a CPU
+# llm-foundry pads every ICL sequence to max_seq_len, and a multiple-choice batch holds batch x choices sequences
+# whose vocabulary-wide logits dominate memory (8 questions x 4 choices x 2048 x 49k fp32 = 13 GB for SmolLM2):
+# small defaults that fit a CPU; longer prompts (25-shot ARC-Challenge) are trimmed from the left.
+DEFAULT_BATCH_SIZE = 2
+DEFAULT_MAX_SEQ_LEN = 1024
 
 
 class TaskSet:
@@ -234,7 +242,8 @@ def build_icl_evaluators(tasks: TaskSet, tokenizer: Any, batch_size: int, max_se
     return evaluators, gauntlet_cb
 
 
-def evaluate_models(model_dirs: Sequence[str | Path], tasks: TaskSet, batch_size: int = 8, max_seq_len: int = 1024,
+def evaluate_models(model_dirs: Sequence[str | Path], tasks: TaskSet, batch_size: int = DEFAULT_BATCH_SIZE,
+                    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
                     device: str | None = None, names: Sequence[str] | None = None,
                     progress: bool = True) -> dict[str, Any]:
     """Score each Hugging Face model folder on `tasks` with llm-foundry's ICL evaluator.

@@ -18,8 +18,10 @@ def test_demo_runs_end_to_end(tmp_path):
     (tmp_path / 'tasks.yaml').write_text(  # two 0-shot tasks of the paper's (the full set is slow for a test)
         'icl_tasks:\n'
         f'- {{label: arc_easy, dataset_uri: {icl}/arc_easy.jsonl, icl_task_type: multiple_choice, num_fewshot: [0],'
+        ' max_seq_len: 256,'
         ' continuation_delimiter: "\\nAnswer: "}\n'
         f'- {{label: piqa, dataset_uri: {icl}/piqa.jsonl, icl_task_type: multiple_choice, num_fewshot: [0],'
+        ' max_seq_len: 256,'
         ' continuation_delimiter: "\\nAnswer: "}\n')
     cmd = [sys.executable, '-m', 'composer_shear.cli', 'demo', '--out', str(out), '--prune-steps', '4',
            '--continue-steps', '2', '--interval', '2', '--eval-seqs', '8', '--tasks', str(tmp_path / 'tasks.yaml'),
