@@ -24,6 +24,9 @@ _EXPORTS = {
     'prune_model': 'composer_shear.functional',
     'prune_oneshot': 'composer_shear.oneshot',
     'update_domain_weights': 'composer_shear.data.weights',
+    # downstream evaluation (llm-foundry's ICL evaluator)
+    'load_tasks': 'composer_shear.icl',
+    'evaluate_models': 'composer_shear.icl',
     # Composer algorithm, callbacks, dataloader
     'ShearPruning': 'composer_shear.algorithm',
     'PruningMonitor': 'composer_shear.callbacks',
@@ -61,7 +64,9 @@ __all__ = [
     'apply_shear_pruning',
     'build_dynamic_text_dataloader',
     'clamp_masks',
+    'evaluate_models',
     'export_checkpoint',
+    'load_tasks',
     'prepare',
     'prune_model',
     'prune_oneshot',
@@ -95,6 +100,7 @@ if TYPE_CHECKING:
     from composer_shear.errors import ConfigError, ExportError, ShapeError
     from composer_shear.export import export_checkpoint
     from composer_shear.functional import apply_shear_pruning, clamp_masks, prune_model, sample_masks, set_eval_masks
+    from composer_shear.icl import evaluate_models, load_tasks
     from composer_shear.masks import MaskSnapshot, ShearMasks
     from composer_shear.oneshot import prune_oneshot
     from composer_shear.shapes import PRESETS, PRUNING_MODULES, TARGET_FIELDS, ModelShape
