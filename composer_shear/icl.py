@@ -113,7 +113,7 @@ def load_tasks(tasks_file: str | Path, limit: int | None = None, workdir: str | 
         The validated :class:`TaskSet`.
 
     Example:
-        >>> tasks = load_tasks('yamls/eval/paper_tasks.yaml', limit=50, workdir='/tmp/icl')
+        >>> tasks = load_tasks('yamls/eval/paper_tasks.yaml', limit=50, workdir='icl_subsample')
     """
     from omegaconf import OmegaConf
     tasks_file = Path(tasks_file)
