@@ -29,7 +29,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from composer_shear.icl import DEFAULT_MAX_SEQ_LEN, DEFAULT_TASKS
+from composer_shear._io import write_text
+from composer_shear.icl import DEFAULT_MAX_SEQ_LEN
+
+ZERO_SHOT_TASKS = Path(__file__).resolve().parent.parent / 'yamls' / 'eval' / 'zero_shot_tasks.yaml'
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / 'data' / 'redpajama_sample'
@@ -121,10 +124,60 @@ def oneshot_model(source: Path, data: Path, out: Path, b: dict, target: dict) ->
     return time.perf_counter() - start
 
 
+def cached(path: Path, key: dict, compute):
+    """`compute()`, or its saved value when `path` holds one for the same `key` (a rerun resumes at the first arm,
+    or model, not yet done; any change of budget, target, source, data or tasks recomputes)."""
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get('key') == key:
+            print(f'(reusing {path})', flush=True)
+            return saved['value']
+    value = compute()
+    write_text(path, json.dumps({'key': key, 'value': value}, indent=1))
+    return value
+
+
+def weights_stamp(model_dir: Path) -> list:
+    """Names, sizes and mtimes of a model folder's weight files: a downstream result is reused only for the same
+    weights."""
+    return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in model_dir.glob('*.safetensors'))
+
+
+def run_arm(arm: str, out: Path, b: dict, source: Path, data: Path, ref: Path, target: dict,
+            prune_extra: dict) -> dict:
+    """Train one arm end to end; returns its stages, final per-domain eval and model folder."""
+    from composer_shear.export import export_checkpoint
+    a = {'stages': {}}
+    folder = out / arm
+    total = b['prune'] + b['cont']
+    update = {'callbacks': {'dynamic_loading': {'update_type': 'constant' if arm == 'constant' else 'doremi'}}}
+    if arm in ('sheared', 'constant'):
+        cfg = stage_cfg('prune', b, folder / 'prune', source, data, ref, RP_MIX, b['prune'],
+                        {**prune_extra, **update})
+        a['stages']['prune'] = run_stage(cfg, folder / 'prune')
+        start = time.perf_counter()
+        export_checkpoint(folder / 'prune' / 'latest-rank0.pt', folder / 'pruned', source=str(source),
+                          overwrite=True)
+        a['stages']['export'] = {'seconds': time.perf_counter() - start}
+        start_model, steps, mix = folder / 'pruned', b['cont'], a['stages']['prune']['weights']
+    elif arm == 'oneshot':
+        a['stages']['oneshot'] = {'seconds': oneshot_model(source, data, folder / 'pruned', b, target)}
+        start_model, steps, mix = folder / 'pruned', total, RP_MIX
+    else:
+        start_model, steps, mix = out / 'sheared' / 'pruned', total, RP_MIX
+        update['model'] = {'pretrained': False}
+        update['optimizer'] = {'lr': 1e-3}  # a from-scratch model gets the usual small-model learning rate
+    cfg = stage_cfg('continue', b, folder / 'continue', start_model, data, ref, mix, steps, update)
+    a['stages']['continue'] = run_stage(cfg, folder / 'continue')
+    final = folder / 'continue' / 'huggingface' / f'ba{steps}'
+    a['eval'] = final_eval(final, data, b['seq'], b['final_eval_seqs'])
+    a['model'] = str(final)
+    return a
+
+
 def run(args) -> dict:
     from composer_shear.data.prepare import prepare
     from composer_shear.data.reference import reference_loss
-    from composer_shear.export import export_checkpoint
     from composer_shear.icl import load_tasks
     b = BUDGETS[args.budget]
     out = Path(args.out).resolve()
@@ -143,43 +196,30 @@ def run(args) -> dict:
     ref = out / 'reference_loss.json'
     reference_loss(source, data, ref, max_batches=max(1, b['final_eval_seqs'] // 8))
     results = {'budget': b, 'target': target, 'tokens_per_step': b['batch'] * b['seq'], 'arms': {}}
-    total = b['prune'] + b['cont']
     results['source'] = final_eval(source, data, b['seq'], b['final_eval_seqs'])
 
     prune_extra = {'algorithms': {'shear_pruning': {'target': target}}}
+    key = {'budget': b, 'target': target, 'source': str(source), 'data': str(Path(args.data).resolve())}
     for arm in ARMS:
         print(f'=== {arm} ===', flush=True)
-        a = results['arms'][arm] = {'stages': {}}
-        folder = out / arm
-        update = {'callbacks': {'dynamic_loading': {'update_type': 'constant' if arm == 'constant' else 'doremi'}}}
-        if arm in ('sheared', 'constant'):
-            cfg = stage_cfg('prune', b, folder / 'prune', source, data, ref, RP_MIX, b['prune'],
-                            {**prune_extra, **update})
-            a['stages']['prune'] = run_stage(cfg, folder / 'prune')
-            start = time.perf_counter()
-            export_checkpoint(folder / 'prune' / 'latest-rank0.pt', folder / 'pruned', source=str(source),
-                              overwrite=True)
-            a['stages']['export'] = {'seconds': time.perf_counter() - start}
-            start_model, steps, mix = folder / 'pruned', b['cont'], a['stages']['prune']['weights']
-        elif arm == 'oneshot':
-            a['stages']['oneshot'] = {'seconds': oneshot_model(source, data, folder / 'pruned', b, target)}
-            start_model, steps, mix = folder / 'pruned', total, RP_MIX
-        else:
-            start_model, steps, mix = out / 'sheared' / 'pruned', total, RP_MIX
-            update['model'] = {'pretrained': False}
-            update['optimizer'] = {'lr': 1e-3}  # a from-scratch model gets the usual small-model learning rate
-        cfg = stage_cfg('continue', b, folder / 'continue', start_model, data, ref, mix, steps, update)
-        a['stages']['continue'] = run_stage(cfg, folder / 'continue')
-        final = folder / 'continue' / 'huggingface' / f'ba{steps}'
-        a['eval'] = final_eval(final, data, b['seq'], b['final_eval_seqs'])
-        a['model'] = str(final)
+        results['arms'][arm] = cached(out / f'{arm}.json', {**key, 'arm': arm},
+                                      lambda arm=arm: run_arm(arm, out, b, source, data, ref, target, prune_extra))
         (out / 'results.json').write_text(json.dumps(results, indent=1))
     if tasks is not None:  # downstream accuracy, the same examples for the source and every arm
         from composer_shear.icl import evaluate_models
         print('=== downstream (llm-foundry ICL) ===', flush=True)
-        results['downstream'] = evaluate_models([source, *(results['arms'][a]['model'] for a in ARMS)], tasks,
-                                                max_seq_len=args.icl_max_seq_len,
-                                                names=['source', *ARMS])
+        models = {'source': source, **{a: Path(results['arms'][a]['model']) for a in ARMS}}
+        for i, (name, folder) in enumerate(models.items()):
+            one = cached(out / 'icl' / f'{name}.json',
+                         {'tasks': str(Path(args.tasks).resolve()), 'limit': args.icl_limit,
+                          'max_seq_len': args.icl_max_seq_len, 'model': str(folder),
+                          'weights': weights_stamp(folder)},
+                         lambda name=name, folder=folder: evaluate_models([folder], tasks, names=[name],
+                                                                          max_seq_len=args.icl_max_seq_len))
+            if i == 0:
+                results['downstream'] = one
+            else:
+                results['downstream']['models'].update(one['models'])
         (out / 'results.json').write_text(json.dumps(results, indent=1))
     return results
 
@@ -271,8 +311,13 @@ def report(r: dict, out: Path) -> str:
                      + f' | {sum(s for s in secs if s):.0f} s |')
     if 'downstream' in r:
         from composer_shear.icl import results_table
-        lines += ['', 'Downstream accuracy of the source and of each arm\'s final model (llm-foundry\'s ICL evaluator, '
-                  'the paper\'s shots):', '', results_table(r['downstream'], by_model=True)]
+        ds = r['downstream']
+        n = min(ds['examples'].values())
+        lines += ['', f'Downstream accuracy of the source and of each arm\'s final model: llm-foundry\'s ICL evaluator '
+                  f'({ds["metric"]}), tasks and shots from `{Path(ds["source"]).name}`, the first {n} examples of each '
+                  f'task (a subsample: one binomial standard error is up to {50 / math.sqrt(n):.0f} points per task), '
+                  f'the same examples for every model, one run (evaluation is deterministic).', '',
+                  results_table(ds, by_model=True)]
     lines += ['', *claims(r), '']
     text = '\n'.join(lines)
     (out / 'results.md').write_text(text)
@@ -287,8 +332,9 @@ def main(argv=None) -> int:
     p.add_argument('--data', default=str(SAMPLE), help='a folder of domain folders of jsonl (default: the sample)')
     p.add_argument('--run-stage', nargs=2, metavar=('CFG', 'OUT'), help=argparse.SUPPRESS)  # the stage child
     p.add_argument('--target', help='JSON target shape (default: composer_shear/yamls/demo/prune.yaml\'s)')
-    p.add_argument('--tasks', default=str(DEFAULT_TASKS), help='downstream tasks YAML ("none" to skip)')
-    p.add_argument('--icl-limit', type=int, default=100, help='the first N examples of each downstream task')
+    p.add_argument('--tasks', default=str(ZERO_SHOT_TASKS),
+                   help='downstream tasks YAML (default: yamls/eval/zero_shot_tasks.yaml; "none" to skip)')
+    p.add_argument('--icl-limit', type=int, default=50, help='the first N examples of each downstream task')
     p.add_argument('--icl-max-seq-len', type=int, default=DEFAULT_MAX_SEQ_LEN)
     args = p.parse_args(argv)
     if args.run_stage:

@@ -23,12 +23,15 @@ _EXPORTS = {
     'clamp_masks': 'composer_shear.functional',
     'prune_model': 'composer_shear.functional',
     'prune_oneshot': 'composer_shear.oneshot',
+    'distillation_loss': 'composer_shear.distill',
+    'load_teacher': 'composer_shear.distill',
     'update_domain_weights': 'composer_shear.data.weights',
     # downstream evaluation (llm-foundry's ICL evaluator)
     'load_tasks': 'composer_shear.icl',
     'evaluate_models': 'composer_shear.icl',
     # Composer algorithm, callbacks, dataloader
     'ShearPruning': 'composer_shear.algorithm',
+    'ShearDistill': 'composer_shear.distill',
     'PruningMonitor': 'composer_shear.callbacks',
     'DynamicLoading': 'composer_shear.data.callback',
     'build_dynamic_text_dataloader': 'composer_shear.data.dynamic',
@@ -58,15 +61,18 @@ __all__ = [
     'PRUNING_MODULES',
     'PruningMonitor',
     'ShapeError',
+    'ShearDistill',
     'ShearMasks',
     'ShearPruning',
     'TARGET_FIELDS',
     'apply_shear_pruning',
     'build_dynamic_text_dataloader',
     'clamp_masks',
+    'distillation_loss',
     'evaluate_models',
     'export_checkpoint',
     'load_tasks',
+    'load_teacher',
     'prepare',
     'prune_model',
     'prune_oneshot',
@@ -97,6 +103,7 @@ if TYPE_CHECKING:
     from composer_shear.data.prepare import prepare
     from composer_shear.data.reference import reference_loss
     from composer_shear.data.weights import update_domain_weights
+    from composer_shear.distill import ShearDistill, distillation_loss, load_teacher
     from composer_shear.errors import ConfigError, ExportError, ShapeError
     from composer_shear.export import export_checkpoint
     from composer_shear.functional import apply_shear_pruning, clamp_masks, prune_model, sample_masks, set_eval_masks

@@ -12,4 +12,4 @@ fi
 bash scripts/setup.sh
 export COMPOSER_SHEAR_CACHE=${COMPOSER_SHEAR_CACHE:-$PWD/.cache/composer_shear}
 .venv/bin/ruff check .
-.venv/bin/pytest -q --timeout 900 -p no:cacheprovider ${markers[@]+"${markers[@]}"} "$@"
+.venv/bin/pytest -q --timeout 900 --durations 15 -p no:cacheprovider ${markers[@]+"${markers[@]}"} "$@"

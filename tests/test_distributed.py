@@ -71,12 +71,14 @@ def test_fsdp2_sharded_and_whole_checkpoints_export_the_same_model(tmp_path):
 
 
 def test_sigkill_and_autoresume_is_bit_exact(tmp_path):
-    """A 2-rank pruning run killed with SIGKILL mid-run and restarted with autoresume ends with exactly the
-    losses, masks and multipliers of an uninterrupted run (fp32, CPU)."""
+    """A 2-rank pruning run with distillation (the teacher reloaded from its folder on restart, not from the
+    checkpoint) killed with SIGKILL mid-run and restarted with autoresume ends with exactly the losses, masks and
+    multipliers of an uninterrupted run (fp32, CPU)."""
     import json
     import signal
     import time
-    args = ['steps=14', 'save_interval=2ba', 'eval_interval=7ba', 'warmup=6ba', 'autoresume=true']
+    args = ['steps=14', 'save_interval=2ba', 'eval_interval=7ba', 'warmup=6ba', 'autoresume=true',
+            'distill={"alpha": 0.5, "temperature": 2.0}']
     launch(tmp_path / 'full', {}, *args)
     composer = Path(sys.executable).with_name('composer')
     cmd = [str(composer), '-n', '2', *MODULE, str(tmp_path / 'killed'), *args]
@@ -101,3 +103,34 @@ def test_sigkill_and_autoresume_is_bit_exact(tmp_path):
         after = json.loads((tmp_path / 'killed' / f'losses-rank{r}.json').read_text())
         assert after and min(map(int, after)) >= 6  # the restart began at a checkpoint, not from scratch
         assert all(before[k] == v for k, v in after.items())
+        assert all(v['kd'] > 0 for v in after.values())
+
+
+@pytest.mark.parametrize('kind', ['ddp', 'fsdp2'])
+def test_distillation_matches_one_process(tmp_path, kind):
+    """shear_distill on 2 ranks (DDP: a teacher replica per rank; FSDP2: the teacher sharded over the student's
+    mesh, half its parameter bytes per rank) logs the losses of a 1-process run on the same global batch."""
+    import json
+
+    from tests.common import train_tiny
+    distill = '{"alpha": 0.5, "temperature": 2.0}'
+    env = {'FSDP_VERSION': '2'} if kind == 'fsdp2' else {}
+    launch(tmp_path / kind, env, 'prune=false', f'distill={distill}', 'steps=4', 'batch=4',
+           *(['fsdp=true'] if kind == 'fsdp2' else []))
+    train_tiny.run(tmp_path / 'one', steps=4, batch=8, prune=False, distill=json.loads(distill),
+                   model_dir=tmp_path / kind / 'source', save_interval='4ba', eval_interval='4ba')
+    one = json.loads((tmp_path / 'one' / 'logged-rank0.json').read_text())
+    two = json.loads((tmp_path / kind / 'logged-rank0.json').read_text())
+    assert one.keys() == two.keys() and len(one) == 4
+    for step in one:
+        assert set(one[step]) == {'loss/train/ce', 'loss/train/kd', 'loss/train/total'}
+        for k, v in one[step].items():
+            assert two[step][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (step, k)
+    assert one['4']['loss/train/kd'] > 0
+    full = json.loads((tmp_path / 'one' / 'teacher-rank0.json').read_text())['bytes']
+    ranks = [json.loads((tmp_path / kind / f'teacher-rank{r}.json').read_text())['bytes'] for r in (0, 1)]
+    if kind == 'ddp':
+        assert ranks == [full, full]
+    else:
+        assert sum(ranks) == pytest.approx(full, rel=0.05)  # shards (FSDP2 pads dim 0 to a multiple of 2)
+        assert all(r == pytest.approx(full / 2, rel=0.1) for r in ranks)

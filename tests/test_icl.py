@@ -176,3 +176,14 @@ def test_paper_tasks_yaml_loads_with_a_limit(tmp_path):
     assert [tasks.chance(k) for k in tasks.keys] == [0.25, 0.25, 0.5, 0.5, 0.0]
     first = (ROOT / 'data' / 'icl' / 'piqa.jsonl').read_text().splitlines()[:30]
     assert (tmp_path / 'piqa.jsonl').read_text().splitlines() == first
+
+
+@pytest.mark.parametrize('name', ['paper_tasks', 'demo_tasks', 'zero_shot_tasks'])
+def test_every_eval_yaml_loads_and_names_its_chance_levels(name, tmp_path):
+    tasks = load_tasks(ROOT / 'yamls' / 'eval' / f'{name}.yaml', limit=30, workdir=tmp_path)  # 25-shot needs 26
+    assert set(tasks.examples.values()) == {30}
+    assert all(0 <= tasks.chance(k) < 1 for k in tasks.keys)
+    if name == 'zero_shot_tasks':  # every shipped task file, 0-shot (what bench/reproduce.py scores)
+        shipped = sorted(p.stem for p in (ROOT / 'data' / 'icl').glob('*.jsonl'))
+        assert sorted(k.split('/')[0] for k in tasks.keys) == shipped
+        assert all(k.endswith('/0-shot') for k in tasks.keys)

@@ -27,11 +27,12 @@ def test_reproduce_tiny_budget(tmp_path):
     save_tiny(tmp_path / 'model')
     tasks = write_sums_task(tmp_path / 'icl')  # 6 short multiple-choice questions (the tiny model: 128 positions)
     out = tmp_path / 'out'
-    res = subprocess.run([sys.executable, str(ROOT / 'bench' / 'reproduce.py'), '--budget', 'tiny', '--out', str(out),
-                          '--source', str(tmp_path / 'model'), '--data', str(tmp_path / 'corpus'),
-                          '--target', json.dumps(TARGET), '--tasks', str(tasks), '--icl-limit', '5',
-                          '--icl-max-seq-len', '128'], capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, str(ROOT / 'bench' / 'reproduce.py'), '--budget', 'tiny', '--out', str(out),
+           '--source', str(tmp_path / 'model'), '--data', str(tmp_path / 'corpus'), '--target', json.dumps(TARGET),
+           '--tasks', str(tasks), '--icl-limit', '5', '--icl-max-seq-len', '128']
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert '(reusing' not in res.stdout
     results = json.loads((out / 'results.json').read_text())
     assert set(results['arms']) == {'sheared', 'constant', 'oneshot', 'scratch'}
     for arm, a in results['arms'].items():
@@ -51,3 +52,11 @@ def test_reproduce_tiny_budget(tmp_path):
     assert '| sheared (loss) |' in table and 'Pruned beats from scratch' in table
     for png in ('loss_curves.png', 'domain_weights.png', 'domain_loss.png'):
         assert (out / png).stat().st_size > 1000
+
+    # a rerun reuses every arm and every model's downstream result (4 arms + 5 models) and reports the same
+    first = results
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert res.stdout.count('(reusing') == 9, res.stdout[-3000:]
+    again = json.loads((out / 'results.json').read_text())
+    assert again['arms'] == first['arms'] and again['downstream']['models'] == first['downstream']['models']

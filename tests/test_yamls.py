@@ -70,3 +70,27 @@ def test_loaders_have_the_arguments_their_builders_need(path):
 def test_unknown_top_level_key_fails():
     with pytest.raises(ValueError, match='pruning_target'):
         load(YAMLS[0], pruning_target=3)
+
+
+@pytest.mark.parametrize('name', ['prune_1.3b', 'prune_2.7b', 'continue_1.3b', 'continue_2.7b'])
+def test_the_commented_shear_distill_block_works_uncommented(name, tmp_path):
+    """Each paper YAML carries a commented `shear_distill` block; uncommented (the teacher pointed at a real
+    folder) it validates and builds."""
+    from composer_shear.distill import ShearDistill
+    from composer_shear.testing import save_tiny
+    lines = (ROOT / 'yamls' / f'{name}.yaml').read_text().splitlines()
+    start = lines.index('  # shear_distill:')
+    block = [lines[start]]
+    for line in lines[start + 1:]:
+        if not line.startswith('  #   '):
+            break
+        block.append(line)
+    text = '\n'.join(line.replace('# ', '', 1) for line in block)
+    teacher = save_tiny(tmp_path / 'teacher')
+    kwargs = OmegaConf.to_container(OmegaConf.create(text))['shear_distill']
+    assert kwargs['alpha'] == 1.0 and kwargs['kd_type'] == 'forward_kl'
+    assert ('teacher' in kwargs) == name.startswith('continue')  # continued pre-training must name the source
+    kwargs['teacher'] = str(teacher)
+    cfg = load(ROOT / 'yamls' / f'{name}.yaml', **{'algorithms.shear_distill': kwargs})
+    validate_config(cfg)
+    assert isinstance(build_algorithm('shear_distill', cfg.algorithms['shear_distill']), ShearDistill)

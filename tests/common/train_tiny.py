@@ -18,27 +18,32 @@ from transformers import AutoTokenizer
 
 from composer_shear.algorithm import ShearPruning
 from composer_shear.callbacks import PruningMonitor
+from composer_shear.distill import ShearDistill
 from composer_shear.testing import TARGET, Tokens, loader, save_tiny
 
 __all__ = ['TARGET', 'LossLog', 'Tokens', 'loader', 'run']
 
 
 class LossLog(Callback):
-    """Records every step's losses; optionally sleeps after each step (to leave time to kill the run)."""
+    """Records every step's losses (the last microbatch's on this rank, and the step's as Composer logs them:
+    summed over microbatches, averaged over ranks); optionally sleeps after each step (to leave time to kill
+    the run)."""
 
     def __init__(self, sleep=0.0):
-        self.losses, self.sleep = {}, sleep
+        self.losses, self.logged, self.sleep = {}, {}, sleep
 
     def after_train_batch(self, state, logger):
-        self.losses[int(state.timestamp.batch)] = {k: float(v) for k, v in state.loss.items()}
+        loss = state.loss if isinstance(state.loss, dict) else {'total': state.loss}
+        self.losses[int(state.timestamp.batch)] = {k: float(v) for k, v in loss.items()}
 
     def batch_end(self, state, logger):
+        self.logged[int(state.timestamp.batch)] = dict(state.total_loss_dict)
         time.sleep(self.sleep)
 
 
 def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_interval='40ba', autoresume=False,
         model_dir=None, load_path=None, batch=4, target=None, modules=None, eval_interval='40ba', schedule='cosine',
-        loggers=(), sleep=0.0):
+        loggers=(), sleep=0.0, prune=True, distill=None, distill_first=False):
     out = Path(out)
     dist.initialize_dist(DeviceCPU())
     if model_dir is None:
@@ -51,7 +56,11 @@ def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_i
                                attn_implementation='sdpa', use_train_metrics=False)
     opt = DecoupledAdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     algo = ShearPruning(target=target or TARGET, lag_lr=lag_lr, lagrangian_warmup=warmup, init=init,
-                        **({'pruning_modules': modules} if modules else {}))
+                        **({'pruning_modules': modules} if modules else {})) if prune else None
+    algorithms = [algo] if prune else []
+    teacher = ShearDistill(**distill) if distill is not None else None
+    if teacher is not None:
+        algorithms.insert(0 if distill_first else len(algorithms), teacher)
     parallelism = {'fsdp': {'state_dict_type': os.environ.get('STATE_DICT_TYPE', 'full')}} if fsdp else None
     vocab = model.model.config.vocab_size
     losses = LossLog(sleep)
@@ -59,7 +68,8 @@ def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_i
         model=model, optimizers=opt, train_dataloader=loader(Tokens(256, 32, vocab), batch),
         eval_dataloader=Evaluator(label='eval', dataloader=loader(Tokens(16, 32, vocab, seed=1), batch),
                                   metric_names=['LanguageCrossEntropy']), eval_interval=eval_interval,
-        max_duration=f'{steps}ba', algorithms=[algo], callbacks=[PruningMonitor(), losses],
+        max_duration=f'{steps}ba', algorithms=algorithms,
+        callbacks=[PruningMonitor(), losses] if prune else [losses],
         device='cpu',
         precision='fp32', save_folder=str(out / 'ckpt'), save_interval=save_interval, save_overwrite=not autoresume,
         save_latest_filename='latest-rank{rank}.pt', run_name='tiny', autoresume=autoresume, load_path=load_path,
@@ -67,12 +77,17 @@ def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_i
         loggers=list(loggers), device_train_microbatch_size=batch // 2,
         schedulers=CosineAnnealingScheduler(alpha_f=0.0) if schedule == 'cosine' else None)
     trainer.fit()
-    with torch.no_grad():
-        snap = ShearPruning.masks(trainer.state).snapshot()
     rank = dist.get_global_rank()
-    torch.save({'log_alpha': snap.log_alpha, 'lambdas': snap.lambdas, 'stats': algo.stats},
-               out / f'masks-rank{rank}.pt')
+    snap = None
+    if prune:
+        with torch.no_grad():
+            snap = ShearPruning.masks(trainer.state).snapshot()
+        torch.save({'log_alpha': snap.log_alpha, 'lambdas': snap.lambdas, 'stats': algo.stats},
+                   out / f'masks-rank{rank}.pt')
     (out / f'losses-rank{rank}.json').write_text(json.dumps(losses.losses))
+    (out / f'logged-rank{rank}.json').write_text(json.dumps(losses.logged))
+    if teacher is not None:
+        (out / f'teacher-rank{rank}.json').write_text(json.dumps({'bytes': teacher.teacher_bytes}))
     trainer.close()
     return algo, snap
 

@@ -1,0 +1,312 @@
+"""Knowledge distillation from a frozen teacher (by default the source model) as a Composer Algorithm
+(YAML name ``shear_distill``), in both stages: while pruning and in continued pre-training.
+
+The loss becomes ``(1 - alpha) * CE + alpha * KD`` (plus ``shear_pruning``'s Lagrangian when it runs), where KD is the
+KL divergence between the teacher's and the student's next-token distributions at temperature ``T``, scaled by
+``T**2`` and averaged over exactly the tokens the CE averages over (labels other than ``-100``). Composer logs
+``loss/train/ce``, ``loss/train/kd`` and ``loss/train/total``.
+
+The teacher is frozen (eval mode, ``requires_grad=False``), outside the model: not in the optimizer, not in a
+checkpoint (a resumed run reloads it from its folder). Under DDP each rank holds a replica; under FSDP it is sharded
+the way the student is (FSDP2: ``fully_shard`` on each decoder layer and the root over the student's device mesh;
+FSDP1: wrapped per decoder layer), so a large teacher is never replicated per GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from composer.core import Algorithm, Event, State
+from composer.loggers import Logger
+from torch import nn
+
+from composer_shear.errors import ConfigError
+from composer_shear.hooks import decoder
+
+log = logging.getLogger(__name__)
+
+__all__ = ['KD_TYPES', 'ShearDistill', 'compose_loss', 'distillation_loss', 'load_teacher', 'shard_teacher']
+
+KD_TYPES = ('forward_kl', 'reverse_kl')
+PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16}
+IGNORE_INDEX = -100  # Hugging Face's (and llm-foundry's) label of a token that takes no loss
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      temperature: float = 1.0, kd_type: str = 'forward_kl', top_k: int | None = None,
+                      ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """KL divergence between the teacher's and the student's next-token distributions, per token, averaged.
+
+    Position ``t`` of the logits predicts ``labels[:, t + 1]`` (the causal-LM shift Hugging Face's loss uses); a
+    position whose next label is `ignore_index` (padding, masked prompt) is left out, as it is from the CE.
+
+    Args:
+        student_logits: ``(batch, seq, vocab)``; gradients flow through it.
+        teacher_logits: ``(batch, seq, vocab)``; treated as constant.
+        labels: ``(batch, seq)`` token ids with `ignore_index` where no loss is taken.
+        temperature: both distributions are softened as ``softmax(logits / T)``; the KL is multiplied by ``T**2``
+            (Hinton et al. 2015) so that its gradients keep their scale.
+        kd_type: ``forward_kl`` = KL(teacher || student) (mode-covering; Minitron's), ``reverse_kl`` =
+            KL(student || teacher) (mode-seeking).
+        top_k: forward KL over the teacher's `top_k` most likely tokens only, the teacher renormalised over them
+            (the student keeps its full-vocabulary normalisation).
+        ignore_index: the label of tokens that take no loss.
+
+    Returns:
+        A scalar (0 with a gradient path when no token counts).
+
+    Example:
+        >>> kd = distillation_loss(student(**batch).logits, teacher_logits, batch['labels'], temperature=2.0)
+    """
+    if kd_type not in KD_TYPES:
+        raise ConfigError(f'kd_type must be one of {", ".join(KD_TYPES)}, got {kd_type!r}')
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f'student logits {tuple(student_logits.shape)} and teacher logits '
+                         f'{tuple(teacher_logits.shape)} differ in shape')
+    keep = labels[:, 1:] != ignore_index
+    student = student_logits[:, :-1][keep].float() / temperature  # (tokens, vocab)
+    teacher = teacher_logits[:, :-1][keep].detach().float() / temperature
+    if student.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    student_log = F.log_softmax(student, dim=-1)
+    if top_k is not None:
+        if kd_type != 'forward_kl':
+            raise ConfigError('top_k is only defined for kd_type forward_kl')
+        values, index = teacher.topk(min(top_k, teacher.shape[-1]), dim=-1)
+        teacher_log, student_log = F.log_softmax(values, dim=-1), student_log.gather(-1, index)
+    else:
+        teacher_log = F.log_softmax(teacher, dim=-1)
+    if kd_type == 'forward_kl':
+        per_token = (teacher_log.exp() * (teacher_log - student_log)).sum(-1)
+    else:
+        per_token = (student_log.exp() * (student_log - teacher_log)).sum(-1)
+    return per_token.mean() * temperature ** 2
+
+
+def compose_loss(loss: torch.Tensor | Mapping[str, torch.Tensor], kd: torch.Tensor,
+                 alpha: float) -> dict[str, torch.Tensor]:
+    """The loss dict Composer backpropagates: ``total = (1 - alpha) * ce + alpha * kd + other terms``.
+
+    `loss` is the model's CE, or a dict from another algorithm with ``ce`` and ``total`` (e.g. ``shear_pruning``'s
+    ``lag`` term, which is kept). ``alpha`` 0 gives exactly the CE, 1 exactly the KD (no zero-weighted term is added,
+    so alpha 0 trains bit for bit as without distillation).
+
+    Example:
+        >>> state.loss = compose_loss(state.loss, kd, alpha=0.5)   # {'ce', 'kd', 'total'}
+    """
+    if isinstance(loss, Mapping):
+        if 'ce' not in loss:
+            raise ValueError(f'shear_distill: the loss is a dict without a "ce" entry ({", ".join(loss)}); '
+                             'cannot tell which term to distil')
+        ce, others = loss['ce'], {k: v for k, v in loss.items() if k not in ('ce', 'kd', 'total')}
+    else:
+        ce, others = loss, {}
+    if alpha == 0:
+        total = ce
+    elif alpha == 1:
+        total = kd
+    else:
+        total = (1 - alpha) * ce + alpha * kd
+    for term in others.values():
+        total = total + term
+    return {'ce': ce, **others, 'kd': kd, 'total': total}
+
+
+def load_teacher(folder: str | os.PathLike, precision: str = 'fp32', vocab_size: int | None = None) -> nn.Module:
+    """Load a frozen teacher (eval mode, no gradients) from a Hugging Face folder.
+
+    Args:
+        folder: an HF causal-LM folder (config and weights).
+        precision: ``fp32`` or ``bf16`` (the teacher's weights and forward).
+        vocab_size: the student's vocabulary size; a teacher with another one is refused.
+
+    Raises:
+        ConfigError: a missing folder, an unknown precision, or another vocabulary.
+
+    Example:
+        >>> teacher = load_teacher('SmolLM2-135M', 'bf16', vocab_size=student.config.vocab_size)
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if precision not in PRECISIONS:
+        raise ConfigError(f'shear_distill.teacher_precision must be one of {", ".join(PRECISIONS)}, got {precision!r}')
+    folder = Path(folder)
+    if not (folder / 'config.json').is_file():
+        raise ConfigError(f'shear_distill.teacher: {folder} is not a Hugging Face model folder (no config.json)')
+    config = AutoConfig.from_pretrained(folder)
+    if vocab_size is not None and config.vocab_size != vocab_size:
+        raise ConfigError(f'shear_distill.teacher: {folder} has a vocabulary of {config.vocab_size} tokens, the '
+                          f'student {vocab_size}; distillation needs the same tokenizer')
+    teacher = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=PRECISIONS[precision])
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def shard_teacher(teacher: nn.Module, student: nn.Module, device: Any = None) -> nn.Module:
+    """Place `teacher` the way `student` is distributed: sharded over the same device mesh when the student is
+    FSDP2 (``fully_shard`` per decoder layer, then the root), wrapped per decoder layer when it is FSDP1, otherwise
+    a whole replica moved to `device` (a Composer device or a torch device).
+
+    Returns:
+        The teacher to call (the FSDP1 wrapper, or `teacher` itself).
+
+    Example:
+        >>> teacher = shard_teacher(load_teacher('SmolLM2-135M'), state.model, state.device)
+    """
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.tensor import DTensor
+
+    modules = list(student.modules())
+    if any(isinstance(m, FSDPModule) for m in modules):
+        mesh = next(p.device_mesh for p in student.parameters() if isinstance(p, DTensor))
+        from torch.distributed.fsdp import fully_shard
+        for layer in decoder(teacher).layers:
+            fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+        fully_shard(teacher, mesh=mesh, reshard_after_forward=True)
+        return teacher
+    if any(isinstance(m, FSDP) for m in modules):
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        layer_cls = type(decoder(teacher).layers[0])
+        return FSDP(teacher, auto_wrap_policy=ModuleWrapPolicy({layer_cls}), use_orig_params=True,
+                    device_id=torch.cuda.current_device() if torch.cuda.is_available() else None)
+    if device is not None:
+        return device.module_to_device(teacher) if hasattr(device, 'module_to_device') else teacher.to(device)
+    return teacher
+
+
+def local_parameter_bytes(module: nn.Module) -> int:
+    """Bytes of `module`'s parameters held by this rank (a sharded parameter counts its local shard)."""
+    from torch.distributed.tensor import DTensor
+    total = 0
+    for p in module.parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        total += local.numel() * local.element_size()
+    return total
+
+
+def _hf_of(model: nn.Module) -> nn.Module:
+    from composer_shear.functional import hf_model_of
+    return hf_model_of(model)
+
+
+class ShearDistill(Algorithm):
+    """Distil a frozen teacher into the model being pruned or trained: ``loss = (1 - alpha) CE + alpha KD``.
+
+    Args:
+        teacher: an HF model folder; default: the model's own ``pretrained_model_name_or_path`` at INIT (in the
+            pruning stage, the source model; set it explicitly for continued pre-training).
+        alpha: weight of the distillation term in [0, 1]; 1 = distillation only (Minitron's choice).
+        temperature: softmax temperature of both distributions (> 0); the KL is scaled by ``T**2``.
+        kd_type: ``forward_kl`` (default) or ``reverse_kl``.
+        teacher_precision: ``fp32`` or ``bf16``.
+        top_k: distil over the teacher's top-k tokens only (forward KL).
+
+    Example:
+        >>> from composer import Trainer
+        >>> trainer = Trainer(model=composer_model, algorithms=[ShearPruning(target={'preset': '1.3b'}),
+        ...                   ShearDistill(alpha=1.0)], max_duration='3200ba', ...)
+
+    In an llm-foundry YAML::
+
+        algorithms:
+          shear_distill: {alpha: 1.0, temperature: 1.0, teacher_precision: bf16}
+    """
+
+    def __init__(self, teacher: str | os.PathLike | None = None, alpha: float = 1.0, temperature: float = 1.0,
+                 kd_type: str = 'forward_kl', teacher_precision: str = 'fp32', top_k: int | None = None) -> None:
+        def number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        if not number(alpha) or not 0 <= alpha <= 1:
+            raise ConfigError(f'shear_distill.alpha must be a number in [0, 1], got {alpha!r}')
+        if not number(temperature) or temperature <= 0:
+            raise ConfigError(f'shear_distill.temperature must be a positive number, got {temperature!r}')
+        if kd_type not in KD_TYPES:
+            raise ConfigError(f'shear_distill.kd_type must be one of {", ".join(KD_TYPES)}, got {kd_type!r}')
+        if teacher_precision not in PRECISIONS:
+            raise ConfigError(f'shear_distill.teacher_precision must be one of {", ".join(PRECISIONS)}, '
+                              f'got {teacher_precision!r}')
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ConfigError(f'shear_distill.top_k must be a positive integer, got {top_k!r}')
+        if top_k is not None and kd_type != 'forward_kl':
+            raise ConfigError('shear_distill.top_k is only defined for kd_type: forward_kl')
+        if teacher is not None and not (Path(teacher) / 'config.json').is_file():
+            raise ConfigError(f'shear_distill.teacher: {teacher} is not a Hugging Face model folder (no config.json)')
+        self.teacher_path = None if teacher is None else str(teacher)
+        self.alpha, self.temperature, self.kd_type = float(alpha), float(temperature), kd_type
+        self.teacher_precision, self.top_k = teacher_precision, top_k
+        self.teacher: nn.Module | None = None
+        self.teacher_bytes = 0  # this rank's teacher parameter bytes, once placed
+        self._placed = False
+
+    def __repr__(self) -> str:
+        return (f'ShearDistill(teacher={self.teacher_path!r}, alpha={self.alpha}, temperature={self.temperature}, '
+                f'kd_type={self.kd_type!r}, teacher_precision={self.teacher_precision!r}, top_k={self.top_k})')
+
+    def match(self, event: Event, state: State) -> bool:
+        return event in (Event.INIT, Event.FIT_START, Event.AFTER_LOSS)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.INIT:
+            self._load(state)
+        elif event == Event.FIT_START:
+            self._place(state, logger)
+        elif event == Event.AFTER_LOSS:
+            self._place(state, logger)
+            state.loss = compose_loss(state.loss, self.kd_loss(state), self.alpha)
+
+    def _load(self, state: State) -> None:
+        student = _hf_of(state.model)
+        path = self.teacher_path or getattr(student.config, '_name_or_path', '')
+        if not path or not (Path(path) / 'config.json').is_file():
+            raise ConfigError('shear_distill.teacher is not set and the model was not loaded from a local folder '
+                              f'({path!r}); name the teacher\'s Hugging Face folder')
+        if self.teacher_path is None and not any(type(a).__name__ == 'ShearPruning' for a in state.algorithms):
+            log.warning('shear_distill: the teacher defaults to the model\'s own starting point (%s); in continued '
+                        'pre-training set shear_distill.teacher to the source model', path)
+        self.teacher_path = str(path)
+        self.teacher = load_teacher(path, self.teacher_precision, vocab_size=student.config.vocab_size)
+
+    def _place(self, state: State, logger: Logger) -> None:
+        if self._placed:
+            return
+        self.teacher = shard_teacher(self.teacher, state.model, state.device)
+        self.teacher_bytes = local_parameter_bytes(self.teacher)
+        self._placed = True
+        logger.log_hyperparameters({'shear_distill/teacher': self.teacher_path,
+                                    'shear_distill/teacher_bytes_per_rank': self.teacher_bytes})
+
+    @torch.no_grad()
+    def teacher_logits(self, state: State) -> torch.Tensor:
+        """The teacher's logits on the current microbatch (under the run's precision context)."""
+        from composer.core.precision import get_precision_context
+        batch = state.batch
+        inputs = {k: batch[k] for k in ('input_ids', 'attention_mask', 'position_ids') if k in batch}
+        with get_precision_context(state.precision, state.precision_config):
+            return self.teacher(**inputs).logits
+
+    def kd_loss(self, state: State) -> torch.Tensor:
+        """The distillation term of the current microbatch."""
+        outputs, batch = state.outputs, state.batch
+        logits = outputs['logits'] if isinstance(outputs, Mapping) else outputs.logits
+        labels = batch.get('labels')
+        if labels is None:  # no labels: every attended token counts, as it would for the CE
+            labels = batch['input_ids'].masked_fill(batch.get('attention_mask', 1) == 0, IGNORE_INDEX)
+        return distillation_loss(logits, self.teacher_logits(state), labels, self.temperature, self.kd_type,
+                                 self.top_k)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), 'teacher': self.teacher_path}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get('teacher')
+        if saved and self.teacher_path and saved != self.teacher_path:
+            log.warning('shear_distill: the checkpoint was trained with teacher %s, this run uses %s', saved,
+                        self.teacher_path)
