@@ -18,11 +18,7 @@ Run: ``.venv/bin/python bench/distill_overhead.py``. The last line is ``distill_
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -31,12 +27,12 @@ import torch
 
 warnings.filterwarnings('ignore', message='.*use_auth_token.*', category=FutureWarning)  # llm-foundry -> HF
 
+from _harness import StepTimer, fmt_ms, interleaved, measure_memory, memory_child, print_memory, print_step_table  # noqa: E402
 from composer import Trainer  # noqa: E402
 from composer.devices import DeviceCPU  # noqa: E402
 from composer.optim import DecoupledAdamW  # noqa: E402
 from composer.utils import dist  # noqa: E402
 from llmfoundry.models.hf import ComposerHFCausalLM  # noqa: E402
-from mask_overhead import MALLOC_ENV, StepTimer, fmt_ms, proc_status_kb  # noqa: E402  (bench/ is on sys.path)
 from omegaconf import OmegaConf  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
@@ -72,24 +68,10 @@ def build(arm: str, model_dir: Path, args, n_steps: int):
     return trainer, timer, algorithms[-1]
 
 
-def memory_child(args):
-    trainer, _, _ = build(args.arm, Path(args.model_dir), args, args.mem_steps)
-    before = proc_status_kb('VmRSS')
-    trainer.fit(duration=f'{args.mem_steps}ba')
-    print(json.dumps({'arm': args.arm, 'rss_before_fit_kb': before, 'peak_kb': proc_status_kb('VmHWM')}))
-
-
-def measure_memory(args, model_dir: Path) -> dict:
-    out = {}
-    for arm in ARMS:
-        cmd = [sys.executable, __file__, '--arm', arm, '--memory-only', '--model-dir', str(model_dir),
-               '--batch', str(args.batch), '--seq', str(args.seq), '--threads', str(args.threads),
-               '--mem-steps', str(args.mem_steps)]
-        res = subprocess.run(cmd, capture_output=True, text=True, env={**MALLOC_ENV, **os.environ})
-        if res.returncode != 0:
-            raise RuntimeError(f'memory child for {arm} failed:\n{res.stderr[-4000:]}')
-        out[arm] = json.loads(res.stdout.strip().splitlines()[-1])
-    return out
+def memory(args, model_dir: Path) -> dict:
+    argv = ['--model-dir', str(model_dir), '--batch', str(args.batch), '--seq', str(args.seq),
+            '--threads', str(args.threads), '--mem-steps', str(args.mem_steps)]
+    return measure_memory(__file__, ARMS, argv)
 
 
 def breakdown(trainer, algo: ShearDistill, args) -> dict:
@@ -101,7 +83,7 @@ def breakdown(trainer, algo: ShearDistill, args) -> dict:
     for i in range(args.reps + 1):
         t0 = time.perf_counter()
         with torch.no_grad():
-            teacher_logits = algo.teacher(input_ids=ids).logits
+            teacher_logits = algo.teacher(input_ids=ids, use_cache=False).logits
         t1 = time.perf_counter()
         s = student_logits.clone().requires_grad_(True)
         distillation_loss(s, teacher_logits, ids).backward()
@@ -133,33 +115,19 @@ def main():
         args.model_dir = str(smollm2_dir())
     model_dir = Path(args.model_dir)
     if args.memory_only:
-        memory_child(args)
+        trainer, _, _ = build(args.arm, model_dir, args, args.mem_steps)
+        memory_child(args.arm, trainer, args.mem_steps)
         return
 
-    mem = None if args.skip_memory else measure_memory(args, model_dir)  # while this process is still small
+    mem = None if args.skip_memory else memory(args, model_dir)  # while this process is still small
     arms = {arm: build(arm, model_dir, args, args.warmup + args.rounds * args.steps) for arm in ARMS}
     print(f'teacher = student = {model_dir.name}, pruned toward {target()}; batch {args.batch} x seq {args.seq}, '
           f'fp32, CPU, torch threads {torch.get_num_threads()}; warm-up {args.warmup}, {args.rounds} rounds x '
           f'{args.steps} steps per arm')
-    for arm in ARMS:
-        arms[arm][0].fit(duration=f'{args.warmup}ba')
-        arms[arm][1].times.clear()
-    for r in range(args.rounds):
-        order = ARMS if r % 2 == 0 else ARMS[::-1]
-        med = {}
-        for arm in order:
-            trainer, timer, _ = arms[arm]
-            trainer.fit(duration=f'{args.steps}ba')
-            med[arm] = statistics.median(timer.times[-args.steps:])
-        print(f'  round {r + 1} ({order[0]} first): prune {fmt_ms(med["prune"])}  prune+kd '
-              f'{fmt_ms(med["prune+kd"])}  ratio {med["prune+kd"] / med["prune"]:.3f}', flush=True)
-    times = {arm: arms[arm][1].times for arm in ARMS}
+    times, _ = interleaved({arm: arms[arm][:2] for arm in ARMS}, args.warmup, args.rounds, args.steps)
     med = {arm: statistics.median(t) for arm, t in times.items()}
     ratio = med['prune+kd'] / med['prune']
-    print(f'\n{"step time":<12}{"median":>12}{"min":>12}{"max":>12}{"n":>5}')
-    for arm in ARMS:
-        t = times[arm]
-        print(f'{arm:<12}{fmt_ms(med[arm]):>12}{fmt_ms(min(t)):>12}{fmt_ms(max(t)):>12}{len(t):>5}')
+    print_step_table(times)
 
     b = breakdown(arms['prune+kd'][0], arms['prune+kd'][2], args)
     base, over = med['prune'], med['prune+kd'] - med['prune']
@@ -170,12 +138,8 @@ def main():
                     ('rest (overhead - (a) - (b))', over - b['teacher_fwd'] - b['kd'])):
         print(f'  {name:<66}{fmt_ms(v):>12}{v / base:>9.1%}')
     if mem is not None:
-        print(f'\npeak memory (child per arm, {args.mem_steps} steps, MALLOC_MMAP_THRESHOLD_=1MiB)')
-        for arm in ARMS:
-            peak, before = mem[arm]['peak_kb'] / 1024, mem[arm]['rss_before_fit_kb'] / 1024
-            print(f'  {arm:<10} peak RSS {peak:7.0f} MiB, before fit {before:7.0f} MiB, '
-                  f'training increment {peak - before:7.0f} MiB')
-        print(f'peak-RSS ratio prune+kd/prune: {mem["prune+kd"]["peak_kb"] / mem["prune"]["peak_kb"]:.3f}')
+        print()
+        print_memory(mem, args.mem_steps)
     print(f'distill_overhead_ratio: {ratio:.3f}')
 
 

@@ -18,12 +18,7 @@ Run: ``.venv/bin/python bench/mask_overhead.py`` (see bench/README.md). The last
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -33,7 +28,8 @@ import torch
 
 warnings.filterwarnings('ignore', message='.*use_auth_token.*', category=FutureWarning)  # llm-foundry -> HF
 
-from composer import Callback, Trainer  # noqa: E402
+from _harness import StepTimer, fmt_ms, interleaved, measure_memory, memory_child, print_memory, print_step_table  # noqa: E402
+from composer import Trainer  # noqa: E402
 from composer.devices import DeviceCPU  # noqa: E402
 from composer.optim import DecoupledAdamW  # noqa: E402
 from composer.utils import dist  # noqa: E402
@@ -49,20 +45,6 @@ TARGET = dict(num_hidden_layers=6, hidden_size=384, num_attention_heads=4, num_k
               intermediate_size=688)
 MODULES = ('layer', 'hidden', 'head', 'intermediate')
 ARMS = ('plain', 'pruned')
-
-
-class StepTimer(Callback):
-    """perf_counter() at BATCH_START and BATCH_END of every training step."""
-
-    def __init__(self):
-        self.times: list[float] = []
-        self._start = None
-
-    def batch_start(self, state, logger):
-        self._start = time.perf_counter()
-
-    def batch_end(self, state, logger):
-        self.times.append(time.perf_counter() - self._start)
 
 
 def make_model_dir(folder: Path, seq: int) -> Path:
@@ -89,67 +71,6 @@ def build(arm: str, model_dir: Path, args, n_steps: int):
         progress_bar=False, log_to_console=False, loggers=[], device_train_microbatch_size=args.batch,
         save_folder=None, run_name=f'bench-{arm}')
     return trainer, timer, algo
-
-
-def fmt_ms(seconds: float) -> str:
-    return f'{seconds * 1e3:9.1f} ms'
-
-
-# memory: one arm per child process -------------------------------------------------------------------------
-
-def proc_status_kb(field: str) -> int:
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith(field + ':'):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def memory_child(args):
-    """Build one arm, run a few steps, print a JSON line. The peak is VmHWM (this address space's peak RSS):
-    ru_maxrss is the same kind of number but survives fork+exec, so in a child of a big process it reports
-    the parent's RSS. Both are printed."""
-    trainer, _, _ = build(args.arm, Path(args.model_dir), args, args.mem_steps)
-    before = proc_status_kb('VmRSS')
-    trainer.fit(duration=f'{args.mem_steps}ba')
-    print(json.dumps({'arm': args.arm, 'rss_before_fit_kb': before, 'peak_kb': proc_status_kb('VmHWM'),
-                      'ru_maxrss_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
-
-
-# glibc keeps freed heap memory (and raises its mmap threshold after each large free), so by default the RSS peak
-# partly measures allocator retention, which varies from run to run. With a fixed 1 MiB threshold every tensor of
-# 1 MiB or more is its own mapping, returned on free, and the peak RSS follows the live tensors.
-MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': str(1 << 20)}
-
-
-def measure_memory(args, model_dir: Path) -> dict:
-    env = dict(os.environ)
-    if not args.default_malloc:
-        env = {**MALLOC_ENV, **env}
-    out = {}
-    for arm in ARMS:
-        cmd = [sys.executable, __file__, '--arm', arm, '--memory-only', '--model-dir', str(model_dir),
-               '--batch', str(args.batch), '--seq', str(args.seq), '--threads', str(args.threads),
-               '--mem-steps', str(args.mem_steps)]
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if res.returncode != 0:
-            raise RuntimeError(f'memory child for {arm} failed:\n{res.stderr[-4000:]}')
-        out[arm] = json.loads(res.stdout.strip().splitlines()[-1])
-    return out
-
-
-def print_memory(args, mem: dict):
-    malloc = 'default malloc' if args.default_malloc else 'MALLOC_MMAP_THRESHOLD_=1MiB'
-    print(f'peak memory (child per arm, {args.mem_steps} steps, {malloc})')
-    print(f'  {"":<12}{"peak RSS (VmHWM)":>16}{"RSS before fit":>18}{"peak - before":>16}{"ru_maxrss":>14}')
-    for arm in ARMS:
-        m = mem[arm]
-        print(f'  {arm:<12}{m["peak_kb"] / 1024:>12.0f} MiB{m["rss_before_fit_kb"] / 1024:>14.0f} MiB'
-              f'{(m["peak_kb"] - m["rss_before_fit_kb"]) / 1024:>12.0f} MiB{m["ru_maxrss_kb"] / 1024:>10.0f} MiB')
-    pr, pl = mem['pruned'], mem['plain']
-    inc = {arm: mem[arm]['peak_kb'] - mem[arm]['rss_before_fit_kb'] for arm in ARMS}
-    print(f'peak-RSS ratio pruned/plain: {pr["peak_kb"] / pl["peak_kb"]:.3f} '
-          f'(training increment, peak - before fit: {inc["pruned"] / max(inc["plain"], 1):.3f})')
 
 
 # breakdown: torch directly on the pruned arm's model -------------------------------------------------------
@@ -228,20 +149,27 @@ def main():
     torch.set_num_threads(args.threads)
 
     if args.memory_only and args.arm:
-        memory_child(args)
+        trainer, _, _ = build(args.arm, Path(args.model_dir), args, args.mem_steps)
+        memory_child(args.arm, trainer, args.mem_steps)
         return
 
     with tempfile.TemporaryDirectory(prefix='mask_overhead_') as tmp:
         model_dir = make_model_dir(Path(args.model_dir or Path(tmp) / 'model'), args.seq)
         if args.memory_only:
-            print_memory(args, measure_memory(args, model_dir))
+            print_memory(memory(args, model_dir), args.mem_steps, not args.default_malloc)
         else:
             run(args, model_dir)
 
 
+def memory(args, model_dir: Path) -> dict:
+    argv = ['--model-dir', str(model_dir), '--batch', str(args.batch), '--seq', str(args.seq),
+            '--threads', str(args.threads), '--mem-steps', str(args.mem_steps)]
+    return measure_memory(__file__, ARMS, argv, not args.default_malloc)
+
+
 def run(args, model_dir: Path):
     # memory first, while this process is still small
-    mem = None if args.skip_memory else measure_memory(args, model_dir)
+    mem = None if args.skip_memory else memory(args, model_dir)
     n_steps = args.warmup + args.rounds * args.steps
     arms = {arm: build(arm, model_dir, args, n_steps) for arm in ARMS}
     algo = arms['pruned'][2]
@@ -251,30 +179,10 @@ def run(args, model_dir: Path):
     print(f'batch {args.batch} x seq {args.seq}, fp32, CPU, torch threads {torch.get_num_threads()}; '
           f'warm-up {args.warmup}, {args.rounds} rounds x {args.steps} steps per arm')
 
-    for arm in ARMS:
-        arms[arm][0].fit(duration=f'{args.warmup}ba')
-        arms[arm][1].times.clear()
-    per_round = []
-    for r in range(args.rounds):
-        order = ARMS if r % 2 == 0 else ARMS[::-1]
-        med = {}
-        for arm in order:
-            trainer, timer, _ = arms[arm]
-            trainer.fit(duration=f'{args.steps}ba')
-            med[arm] = statistics.median(timer.times[-args.steps:])
-        per_round.append(med)
-        print(f'  round {r + 1} ({order[0]} first): plain {fmt_ms(med["plain"])}  pruned {fmt_ms(med["pruned"])}  '
-              f'ratio {med["pruned"] / med["plain"]:.3f}', flush=True)
-
-    times = {arm: arms[arm][1].times for arm in ARMS}
+    times, per_round = interleaved({arm: arms[arm][:2] for arm in ARMS}, args.warmup, args.rounds, args.steps)
     med = {arm: statistics.median(t) for arm, t in times.items()}
     ratio = med['pruned'] / med['plain']
-    print()
-    print(f'{"step time":<12}{"median":>12}{"mean":>12}{"min":>12}{"max":>12}{"n":>5}')
-    for arm in ARMS:
-        t = times[arm]
-        print(f'{arm:<12}{fmt_ms(med[arm]):>12}{fmt_ms(statistics.mean(t)):>12}{fmt_ms(min(t)):>12}'
-              f'{fmt_ms(max(t)):>12}{len(t):>5}')
+    print_step_table(times)
     round_ratios = [m['pruned'] / m['plain'] for m in per_round]
     best = min(times['pruned']) / min(times['plain'])
     print(f'ratio pruned/plain: median-of-steps {ratio:.3f}, min-of-steps {best:.3f}, '
@@ -300,7 +208,7 @@ def run(args, model_dir: Path):
 
     if mem is not None:
         print()
-        print_memory(args, mem)
+        print_memory(mem, args.mem_steps, not args.default_malloc)
 
     print(f'mask_overhead_ratio: {ratio:.3f}')
 

@@ -29,6 +29,7 @@ from composer_shear.errors import ConfigError
 from composer_shear.icl import DEMO_TASKS
 
 if TYPE_CHECKING:
+    from omegaconf import DictConfig
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from composer_shear.data.callback import DynamicLoading
@@ -89,14 +90,32 @@ def yaml_path(stage: str) -> Path:
     return path
 
 
-def train(stage: str, overrides: dict) -> tuple[DynamicLoading, float]:
-    """One stage through llm-foundry's training loop, from yamls/demo/<stage>.yaml with dotlist overrides.
-    Returns the stage's DynamicLoading callback and its wall-clock seconds."""
-    from llmfoundry.command_utils import train_from_yaml
+def stage_config(stage: str, overrides: dict, distill: float | None = None,
+                 teacher: str | os.PathLike | None = None) -> DictConfig:
+    """yamls/demo/<stage>.yaml with dotlist `overrides`. `distill`: None keeps the YAML's algorithms, 0 removes
+    shear_distill, otherwise shear_distill runs with that alpha and `teacher`."""
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.merge(OmegaConf.load(yaml_path(stage)),
+                          OmegaConf.from_dotlist([f'{k}={v}' for k, v in overrides.items()]))
+    if distill is not None:
+        algorithms = cfg.get('algorithms') or {}
+        algorithms.pop('shear_distill', None)
+        if distill > 0:
+            algorithms['shear_distill'] = {'alpha': float(distill), 'teacher': str(teacher)}
+        cfg.algorithms = algorithms
+    return cfg
+
+
+def train(stage: str, overrides: dict, distill: float | None = None,
+          teacher: str | os.PathLike | None = None) -> tuple[DynamicLoading, float]:
+    """One stage through llm-foundry's training loop (`stage_config`'s arguments). Returns the stage's DynamicLoading
+    callback and its wall-clock seconds."""
+    from llmfoundry.command_utils import train as llmfoundry_train
 
     from composer_shear.data.callback import DynamicLoading
+    cfg = stage_config(stage, overrides, distill, teacher)
     start = time.perf_counter()
-    trainer = train_from_yaml(str(yaml_path(stage)), [f'{k}={v}' for k, v in overrides.items()])
+    trainer = llmfoundry_train(cfg)
     seconds = time.perf_counter() - start
     dynamic = next(c for c in trainer.state.callbacks if isinstance(c, DynamicLoading))
     trainer.close()
@@ -146,7 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    'default: yamls/eval/demo_tasks.yaml of the checkout, 0-shot); "none" skips downstream accuracy')
     p.add_argument('--icl-limit', type=int, default=20, help='downstream: the first N examples of each task '
                    '(~2 min per model on 2 CPU cores at 20)')
+    p.add_argument('--distill', type=float, default=None, metavar='ALPHA',
+                   help='shear_distill from the source model in both stages with this alpha (0 turns it off; '
+                   'default: as the demo YAMLs say)')
     args = p.parse_args(argv)
+    if args.distill is not None and not 0 <= args.distill <= 1:
+        p.error(f'--distill must be in [0, 1], got {args.distill}')
 
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -194,13 +218,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 'train_loader.dataset.epoch_size': interval * batch}
 
     step(4, f'pruning {steps["prune"]} steps (yamls/demo/prune.yaml), dynamic loading every {interval} steps')
-    prune_dyn, prune_s = train('prune', overrides('prune', source_dir, initial))
+    prune_dyn, prune_s = train('prune', overrides('prune', source_dir, initial), args.distill, source_dir)
     step(5, 'exporting the pruned model')
     pruned_dir = out / 'pruned'
     report = export_checkpoint(out / 'prune' / 'latest-rank0.pt', pruned_dir, source=str(source_dir),
                                overwrite=True)
     step(6, f'continued pre-training {steps["continue"]} steps (yamls/demo/continue.yaml), dynamic loading')
-    cont_dyn, cont_s = train('continue', overrides('continue', pruned_dir, prune_dyn.weights))
+    cont_dyn, cont_s = train('continue', overrides('continue', pruned_dir, prune_dyn.weights), args.distill,
+                                  source_dir)
     final_dir = out / 'continue' / 'huggingface' / f'ba{steps["continue"]}'
 
     step(7, 'comparing the models')
@@ -238,6 +263,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines += ['', '## Downstream accuracy', '', results_table(icl)]
     text = '\n'.join(lines) + '\n'
     (out / 'results.md').write_text(text)
+    summary = {'steps': steps, 'batch': batch, 'seq_len': seq_len, 'distill': args.distill,
+               'models': {label: {'params': s.num_params(), 'shape': s.target_dict(),
+                                  'eval_loss': {d: math.log(v[0]) for d, v in ppl.items()},
+                                  'training_seconds': seconds, 'generations': samples}
+                          for label, s, ppl, seconds, samples in rows},
+               'domain_weights': {'initial': initial, 'after pruning': list(prune_dyn.weights),
+                                  'after continued pre-training': list(cont_dyn.weights)}}
+    if tasks is not None:
+        summary['downstream'] = {name: {k: m[k] for k in ('accuracy', 'average', 'above_chance')}
+                                 for name, m in icl['models'].items()}
+    (out / 'results.json').write_text(json.dumps(summary, indent=1))
     history = {'pruning': (initial, prune_dyn.history),
                'continued pre-training': (list(prune_dyn.weights), cont_dyn.history)}
     plots(out, domains, history, report)

@@ -27,6 +27,7 @@ from composer.loggers import Logger
 from torch import nn
 
 from composer_shear.errors import ConfigError
+from composer_shear.functional import hf_model_of
 from composer_shear.hooks import decoder
 
 log = logging.getLogger(__name__)
@@ -70,23 +71,73 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         raise ValueError(f'student logits {tuple(student_logits.shape)} and teacher logits '
                          f'{tuple(teacher_logits.shape)} differ in shape')
     keep = labels[:, 1:] != ignore_index
+    if top_k is not None:
+        if kd_type != 'forward_kl':
+            raise ConfigError('top_k is only defined for kd_type forward_kl')
+        return _top_k_kl(student_logits, teacher_logits, keep, temperature, top_k)
+    count = int(keep.sum())
+    if count == 0:
+        return student_logits.sum() * 0.0
+    weights = keep.float() * (temperature ** 2 / count)  # the mean over kept tokens, x T^2
+    return _FusedKL.apply(student_logits, teacher_logits.detach(), weights, float(temperature),
+                          kd_type == 'reverse_kl')
+
+
+def _top_k_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, keep: torch.Tensor, temperature: float,
+              top_k: int) -> torch.Tensor:
+    """Forward KL over the teacher's top-k tokens (teacher renormalised over them), through autograd."""
     student = student_logits[:, :-1][keep].float() / temperature  # (tokens, vocab)
     teacher = teacher_logits[:, :-1][keep].detach().float() / temperature
     if student.shape[0] == 0:
         return student_logits.sum() * 0.0
-    student_log = F.log_softmax(student, dim=-1)
-    if top_k is not None:
-        if kd_type != 'forward_kl':
-            raise ConfigError('top_k is only defined for kd_type forward_kl')
-        values, index = teacher.topk(min(top_k, teacher.shape[-1]), dim=-1)
-        teacher_log, student_log = F.log_softmax(values, dim=-1), student_log.gather(-1, index)
-    else:
-        teacher_log = F.log_softmax(teacher, dim=-1)
-    if kd_type == 'forward_kl':
-        per_token = (teacher_log.exp() * (teacher_log - student_log)).sum(-1)
-    else:
-        per_token = (student_log.exp() * (student_log - teacher_log)).sum(-1)
-    return per_token.mean() * temperature ** 2
+    values, index = teacher.topk(min(top_k, teacher.shape[-1]), dim=-1)
+    teacher_log = F.log_softmax(values, dim=-1)
+    student_log = F.log_softmax(student, dim=-1).gather(-1, index)
+    return (teacher_log.exp() * (teacher_log - student_log)).sum(-1).mean() * temperature ** 2
+
+
+ROWS_PER_CHUNK = 1024  # positions per fp32 working block (bounds the temporaries at large vocabularies)
+
+
+class _FusedKL(torch.autograd.Function):
+    """sum over positions of weight * KL(next-token distributions), full vocabulary, with the gradient with respect to
+    the student's logits computed in the forward pass, block by block: the autograd graph of the plain formula keeps
+    about ten (tokens x vocab) fp32 tensors alive; this keeps one, the gradient, in the logits' dtype.
+
+    d KL(t || s) / d z_s = (p_s - p_t) / T;  d KL(s || t) / d z_s = p_s * (log p_s - log p_t - KL) / T."""
+
+    @staticmethod
+    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, temperature: float,
+                reverse: bool) -> torch.Tensor:
+        grad = torch.zeros_like(student)  # the last position predicts nothing
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for b in range(student.shape[0]):
+            kept = weights[b] > 0
+            rows = None if bool(kept.all()) else kept.nonzero().squeeze(-1)  # None: every position (a view)
+            n = kept.numel() if rows is None else rows.numel()
+            for i in range(0, n, ROWS_PER_CHUNK):
+                r = slice(i, min(i + ROWS_PER_CHUNK, n)) if rows is None else rows[i:i + ROWS_PER_CHUNK]
+                s = F.log_softmax(student[b, r].float() / temperature, dim=-1)
+                t = F.log_softmax(teacher[b, r].float() / temperature, dim=-1)
+                w = weights[b, r].unsqueeze(-1)
+                if reverse:
+                    p = s.exp()
+                    diff = s.sub_(t)  # log p_s - log p_t
+                    kl = (p * diff).sum(-1, keepdim=True)
+                    g = diff.sub_(kl).mul_(p)
+                else:
+                    p = t.exp()
+                    kl = (p * (t - s)).sum(-1, keepdim=True)
+                    g = s.exp_().sub_(p)
+                total += (w * kl).sum()
+                grad[b, r] = g.mul_(w / temperature).to(grad.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None, None
 
 
 def compose_loss(loss: torch.Tensor | Mapping[str, torch.Tensor], kd: torch.Tensor,
@@ -191,11 +242,6 @@ def local_parameter_bytes(module: nn.Module) -> int:
     return total
 
 
-def _hf_of(model: nn.Module) -> nn.Module:
-    from composer_shear.functional import hf_model_of
-    return hf_model_of(model)
-
-
 class ShearDistill(Algorithm):
     """Distil a frozen teacher into the model being pruned or trained: ``loss = (1 - alpha) CE + alpha KD``.
 
@@ -263,7 +309,7 @@ class ShearDistill(Algorithm):
             state.loss = compose_loss(state.loss, self.kd_loss(state), self.alpha)
 
     def _load(self, state: State) -> None:
-        student = _hf_of(state.model)
+        student = hf_model_of(state.model)
         path = self.teacher_path or getattr(student.config, '_name_or_path', '')
         if not path or not (Path(path) / 'config.json').is_file():
             raise ConfigError('shear_distill.teacher is not set and the model was not loaded from a local folder '
@@ -290,7 +336,7 @@ class ShearDistill(Algorithm):
         batch = state.batch
         inputs = {k: batch[k] for k in ('input_ids', 'attention_mask', 'position_ids') if k in batch}
         with get_precision_context(state.precision, state.precision_config):
-            return self.teacher(**inputs).logits
+            return self.teacher(**inputs, use_cache=False).logits
 
     def kd_loss(self, state: State) -> torch.Tensor:
         """The distillation term of the current microbatch."""

@@ -43,6 +43,11 @@ def test_demo_runs_end_to_end(tmp_path):
     down = json.loads((out / 'downstream.json').read_text())
     assert list(down['models']) == ['source', 'pruned', 'pruned + continued']
     assert all(len(m['per_example']['piqa/0-shot']) == 6 for m in down['models'].values())
+    summary = json.loads((out / 'results.json').read_text())  # the same numbers, machine-readable
+    assert summary['models']['pruned']['params'] == 75_226_080 and summary['distill'] is None
+    assert list(summary['downstream']) == list(down['models'])
+    assert summary['downstream']['source']['average'] == down['models']['source']['average']
+    assert set(summary['models']['source']['eval_loss']) == {'code', 'reference', 'licenses'}
 
 
 def test_corpus_follows_the_yaml_domains(tmp_path):
@@ -53,3 +58,23 @@ def test_corpus_follows_the_yaml_domains(tmp_path):
     assert len(docs) > 100 and any('def ' in d for d in docs)
     with pytest.raises(ValueError, match=r"variables.domains: no corpus builder for \['poetry'\]"):
         write_corpus(tmp_path / 'd', ['code', 'poetry'])
+
+
+@pytest.mark.parametrize('stage', ['prune', 'continue'])
+def test_distill_option_adds_or_removes_shear_distill(stage, tmp_path):
+    from llmfoundry.utils.builders import build_algorithm
+
+    from composer_shear.demo import stage_config
+    from composer_shear.distill import ShearDistill
+    teacher = tmp_path / 'teacher'
+    teacher.mkdir()
+    (teacher / 'config.json').write_text('{}')
+    on = stage_config(stage, {'max_duration': '7ba'}, 0.5, teacher)
+    assert on.max_duration == '7ba' and dict(on.algorithms.shear_distill) == {'alpha': 0.5, 'teacher': str(teacher)}
+    algo = build_algorithm('shear_distill', dict(on.algorithms.shear_distill))  # what llm-foundry will build
+    assert isinstance(algo, ShearDistill) and algo.alpha == 0.5 and algo.teacher_path == str(teacher)
+    assert 'shear_pruning' in on.algorithms or stage == 'continue'  # the YAML's other algorithms are kept
+    off = stage_config(stage, {}, 0.0)
+    assert 'shear_distill' not in off.get('algorithms', {})
+    assert ('shear_pruning' in off.algorithms) == (stage == 'prune')
+    assert stage_config(stage, {}) == stage_config(stage, {}, None)  # default: the YAML as written

@@ -41,6 +41,35 @@ def test_kd_equals_a_hand_computed_kl(temperature):
     assert rkd.item() == pytest.approx(sum(reverse) / 2 * temperature ** 2, rel=1e-6)
 
 
+def autograd_kl(s, t, labels, temperature, kd_type):
+    """The plain formula through autograd (what the fused forward/backward must equal)."""
+    keep = labels[:, 1:] != -100
+    ls = torch.log_softmax(s[:, :-1][keep] / temperature, -1)
+    lt = torch.log_softmax(t[:, :-1][keep] / temperature, -1)
+    per_token = (lt.exp() * (lt - ls)).sum(-1) if kd_type == 'forward_kl' else (ls.exp() * (ls - lt)).sum(-1)
+    return per_token.mean() * temperature ** 2
+
+
+@pytest.mark.parametrize('kd_type', ['forward_kl', 'reverse_kl'])
+@pytest.mark.parametrize('temperature', [1.0, 2.0])
+def test_fused_gradient_equals_autograd_of_the_formula(kd_type, temperature, monkeypatch):
+    import composer_shear.distill as distill
+    monkeypatch.setattr(distill, 'ROWS_PER_CHUNK', 4)  # several blocks per sequence
+    gen = torch.Generator().manual_seed(0)
+    s = (3 * torch.randn(3, 11, 40, generator=gen)).requires_grad_(True)
+    t = 3 * torch.randn(3, 11, 40, generator=gen)
+    labels = torch.randint(0, 40, (3, 11), generator=gen)
+    labels[1, 4:] = -100   # a padded tail
+    labels[2, 3] = -100    # one ignored token inside a sequence
+    got = distillation_loss(s, t, labels, temperature, kd_type)
+    (g_got,) = torch.autograd.grad(got * 1.5, s)  # an upstream gradient other than 1
+    want = autograd_kl(s, t, labels, temperature, kd_type)
+    (g_want,) = torch.autograd.grad(want * 1.5, s)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-7)  # fp32
+    assert g_got[1, 3:].abs().sum() == 0 and g_got[2, 2].abs().sum() == 0 and g_got[:, -1].abs().sum() == 0
+
+
 def test_top_k_renormalises_the_teacher_over_its_top_tokens():
     s, t, labels = torch.tensor(STUDENT), torch.tensor(TEACHER), torch.tensor(LABELS)
     kd = distillation_loss(s, t, labels, top_k=2)
