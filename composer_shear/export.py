@@ -155,6 +155,13 @@ def export_pruned(hf_sd: dict, mask_sd: dict, config: Any, out: str | os.PathLik
     shape, dtype = ModelShape.from_config(new_config), next(iter(pruned.values())).dtype
     report = shape_report(snap)
     report['exported'] = shape.target_dict() | {'num_params': shape.num_params(), 'dtype': str(dtype)}
+    filled = {k: v for k, v in report['kept_given_up'].items() if v[0]}
+    if filled:
+        log.warning('export: the exact target was filled with structures the masks had given up on (log alpha at '
+                    'its minimum, keep probability 0.047, ties broken by index): %s. The expected shape was below '
+                    'the target when training stopped; these structures cost compute and carry near-zero mask '
+                    'values (see shape_report.md)',
+                    ', '.join(f'{k}: {n} of {m} kept' for k, (n, m) in filled.items()))
     with atomic_dir(out, overwrite=overwrite, marker=REPORT_FILE) as tmp:
         new_config.save_pretrained(tmp)
         if generation_config is not None:

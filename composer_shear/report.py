@@ -6,9 +6,23 @@ import json
 
 import torch
 
-from composer_shear.masks import MaskSnapshot, expected_score, expected_shape, head_gates
+from composer_shear.masks import LOG_ALPHA_MAX, MaskSnapshot, expected_score, expected_shape, head_gates
 
-__all__ = ['dumps', 'report_table', 'shape_report']
+__all__ = ['GIVEN_UP', 'dumps', 'given_up_kept', 'report_table', 'shape_report']
+
+GIVEN_UP = -LOG_ALPHA_MAX + 0.01  # log alpha at (or within 0.01 of) its lower clamp: the masks dropped the entry
+
+
+def given_up_kept(snap: MaskSnapshot) -> dict[str, list[int]]:
+    """Per structure: [how many entries the exact-target masks keep although their log alpha sits at its minimum
+    (keep probability 0.047, the same as removed entries), how many they keep]. Non-zero when the expected shape
+    had fallen below the target and the export filled it with structures the masks had given up on."""
+    out = {}
+    for name, z in snap.z.items():
+        kept = z != 0
+        out[name] = [int((kept & (snap.log_alpha[name] <= GIVEN_UP)).sum()), int(kept.sum())]
+    return out
+
 
 
 def shape_report(snap: MaskSnapshot) -> dict:
@@ -40,6 +54,7 @@ def shape_report(snap: MaskSnapshot) -> dict:
         'target': target.target_dict() | {'num_params': target.num_params()},
         'expected': expected,
         'deterministic': {'num_hidden_layers': sum(r['kept'] for r in layers), 'hidden_size': hidden},
+        'kept_given_up': given_up_kept(snap),
         'layers': layers,
     }
 
@@ -63,6 +78,10 @@ def report_table(report: dict) -> str:
     lines.append('')
     lines.append(f"hidden size kept: {report['deterministic']['hidden_size']} "
                  f"(expected {report['expected']['hidden_size']:.1f})")
+    filled = {k: v for k, v in report.get('kept_given_up', {}).items() if v[0]}
+    if filled:
+        lines.append('kept although given up by the masks (log alpha at its minimum): '
+                     + ', '.join(f'{k} {n} of {m}' for k, (n, m) in filled.items()))
     return '\n'.join(lines) + '\n'
 
 

@@ -95,3 +95,23 @@ def test_init_masks_export_to_target(tmp_path):
     scale = torch.sigmoid(torch.tensor(1.2 * LOG_ALPHA_MAX)).item()
     torch.testing.assert_close(small.model.embed_tokens.weight,
                                model.model.embed_tokens.weight[:, :40] * scale)
+
+
+def test_export_warns_when_it_keeps_structures_the_masks_gave_up_on(tmp_path, caplog):
+    """Layers whose log alpha sits at its minimum (keep probability 0.047, like the removed ones) but that the
+    exact target still needs are counted in the shape report and named in a warning; healthy masks give none."""
+    config = llama_config('gqa')
+    model = tiny_model(config)
+    masks = random_masks(config, TARGETS['gqa'], ALL, seed=0)
+    with caplog.at_level('WARNING', logger='composer_shear.export'):
+        report = export_pruned(model.state_dict(), masks.state_dict(), config, tmp_path / 'healthy')
+    assert all(n == 0 for n, _ in report['kept_given_up'].values()) and 'given up' not in caplog.text
+    with torch.no_grad():
+        masks.log_alpha['layer'][1:] = -LOG_ALPHA_MAX  # only layer 0 still wanted; the target keeps 3
+    caplog.clear()
+    with caplog.at_level('WARNING', logger='composer_shear.export'):
+        report = export_pruned(model.state_dict(), masks.state_dict(), config, tmp_path / 'filled')
+    assert report['kept_given_up']['layer'] == [2, 3]
+    assert report['kept_given_up']['hidden'] == [0, TARGETS['gqa']['hidden_size']]
+    assert 'given up on' in caplog.text and 'layer: 2 of 3 kept' in caplog.text
+    assert 'layer 2 of 3' in (tmp_path / 'filled' / 'shape_report.md').read_text()
