@@ -26,15 +26,15 @@ from torch import nn
 from composer_shear.data.weights import update_domain_weights
 from composer_shear.errors import ConfigError, ShapeError
 from composer_shear.hooks import MaskedForward
-from composer_shear.masks import LOG_ALPHA_MAX, MASKS_ATTR, ShearMasks
-from composer_shear.oneshot import prune_oneshot
-from composer_shear.shapes import PRUNING_MODULES, ModelShape, validate_pruning_modules
+from composer_shear.masks import LOG_ALPHA_MAX, MASKS_ATTR, ShearMasks, expected_score, selection_log_alpha
+from composer_shear.oneshot import oneshot_masks, prune_oneshot
+from composer_shear.shapes import PRUNING_MODULES, STRUCTURE_MODULES, ModelShape, validate_pruning_modules
 from composer_shear.surgery import build_model, prune_to_target
 
 log = logging.getLogger(__name__)
 
-__all__ = ['apply_shear_pruning', 'clamp_masks', 'hf_model_of', 'prune_model', 'prune_oneshot', 'sample_masks',
-           'set_eval_masks', 'update_domain_weights']
+__all__ = ['apply_shear_pruning', 'clamp_masks', 'hf_model_of', 'init_masks_from_importance', 'prune_model',
+           'prune_oneshot', 'sample_masks', 'set_eval_masks', 'update_domain_weights']
 
 Target = Mapping[str, Any] | str
 
@@ -156,6 +156,39 @@ def set_eval_masks(masks: nn.Module, exact_target: bool = True) -> None:
     """
     z, _, _ = masks('target' if exact_target else 'expected')
     masks.hooks.set(z)
+
+
+@torch.no_grad()
+def init_masks_from_importance(masks: ShearMasks, scores: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Start the masks from a one-shot ranking: set every log alpha so that the exact-target deterministic masks
+    keep exactly what `prune_oneshot` would keep and the expected shape already equals the target (the Lagrangian
+    starts satisfied). Kept entries share one value per structure, the others sit at the lower clamp, so training
+    can move structures across the boundary from there.
+
+    Args:
+        masks: the mask module (`apply_shear_pruning`'s result, or the model's ``shear_masks``).
+        scores: `composer_shear.oneshot.importance`'s statistics (per layer, hidden channel, head, MLP channel).
+
+    Returns:
+        The expected sparsity of each structure after initialisation (the target's, up to the clamps).
+
+    Example:
+        >>> from composer_shear.oneshot import importance
+        >>> init_masks_from_importance(masks, importance(model, calibration_batches))
+    """
+    modules = {STRUCTURE_MODULES[s.name] for s in masks.structures}
+    keep = oneshot_masks(scores, masks.source, masks.target, modules)
+    sparsity = {}
+    for s in masks.structures:
+        log_alpha = selection_log_alpha(keep[s.name], s.target)
+        param = masks.log_alpha[s.name]
+        value = log_alpha.to(param.device, param.dtype)
+        if hasattr(param, 'device_mesh'):  # an FSDP2-sharded parameter (DTensor): copy the local shard
+            from torch.distributed.tensor import distribute_tensor
+            value = distribute_tensor(value, param.device_mesh, param.placements)
+        param.copy_(value)
+        sparsity[s.name] = float(1 - expected_score(log_alpha).sum(-1).mean() / s.size)
+    return sparsity
 
 
 @torch.no_grad()

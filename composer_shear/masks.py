@@ -45,6 +45,26 @@ def soft_value(log_alpha: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(log_alpha / BETA * SHARPEN)
 
 
+def log_alpha_for_score(score: torch.Tensor | float) -> torch.Tensor:
+    """The log alpha whose expected score (P(gate != 0)) is `score`: the inverse of `expected_score`, clamped to
+    the range log alpha is kept in."""
+    score = torch.as_tensor(score, dtype=torch.float32).clamp(EPS, 1 - EPS)
+    return (BETA * _LOG_RATIO - torch.logit(1 - score)).clamp(-LOG_ALPHA_MAX, LOG_ALPHA_MAX)
+
+
+def selection_log_alpha(keep: torch.Tensor, target: int) -> torch.Tensor:
+    """Log alpha for a 0/1 selection `keep` ([size] or [rows, size], `target` ones per row): unselected entries at
+    the lower clamp, selected ones at the value that makes each row's expected count exactly `target`, so that the
+    exact-target deterministic masks are the selection and the expected sparsity is the target's (where the clamps
+    allow: with almost nothing pruned the selected entries stop at the upper clamp, about 0.2 % short; with more
+    than ~95 % pruned the floor's 0.047 per entry alone exceeds the target)."""
+    size = keep.shape[-1]
+    floor = float(expected_score(torch.tensor(-LOG_ALPHA_MAX)))
+    score = 1.0 - (size - target) / max(target, 1) * floor
+    high = log_alpha_for_score(max(score, floor + 1e-4))
+    return torch.where(keep.bool(), high, torch.full_like(keep, -LOG_ALPHA_MAX, dtype=torch.float32))
+
+
 def expected_keep(log_alpha: torch.Tensor) -> torch.Tensor:
     """Per row: how many entries a deterministic mask keeps when no exact target is imposed."""
     n = log_alpha.shape[-1]

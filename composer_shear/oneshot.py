@@ -24,7 +24,7 @@ from composer_shear.masks import MaskSnapshot, structures_for
 from composer_shear.shapes import PRUNING_MODULES, ModelShape, validate_pruning_modules
 from composer_shear.surgery import build_model, prune_to_target
 
-__all__ = ['importance', 'oneshot_masks', 'prune_oneshot']
+__all__ = ['importance', 'oneshot_masks', 'prune_oneshot', 'structure_scores']
 
 
 @torch.no_grad()
@@ -77,13 +77,19 @@ def importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, t
     return {k: v / max(tokens, 1) for k, v in acc.items()}
 
 
+def structure_scores(scores: Mapping[str, torch.Tensor], source: ModelShape) -> dict[str, torch.Tensor]:
+    """`importance`'s scores per mask structure (layer, hidden, kv, query, intermediate), in each mask's shape: a KV
+    group scores the sum of its heads, a query slot the sum over groups."""
+    G, Q = source.num_key_value_heads, source.queries_per_group
+    heads = scores['heads'].view(-1, G, Q)
+    return {'layer': scores['layer'], 'hidden': scores['hidden'], 'kv': heads.sum(-1), 'query': heads.sum(-2),
+            'intermediate': scores['intermediate']}
+
+
 def oneshot_masks(scores: Mapping[str, torch.Tensor], source: ModelShape, target: ModelShape,
                   modules: Iterable[str]) -> dict[str, torch.Tensor]:
     """Binary masks keeping exactly the target per row: the highest scores (ties: lower index)."""
-    G, Q = source.num_key_value_heads, source.queries_per_group
-    heads = scores['heads'].view(-1, G, Q)
-    by_name = {'layer': scores['layer'], 'hidden': scores['hidden'], 'kv': heads.sum(-1),
-               'query': heads.sum(-2), 'intermediate': scores['intermediate']}
+    by_name = structure_scores(scores, source)
     z = {}
     for s in structures_for(source, target, modules):
         order = torch.sort(by_name[s.name], dim=-1, descending=True, stable=True).indices[..., :s.target]

@@ -57,3 +57,27 @@ def test_oneshot_output_is_the_target_architecture():
     ids = batches(1)[0]
     with torch.no_grad():
         torch.testing.assert_close(small(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_masks_initialised_from_importance_start_at_the_oneshot_selection_and_the_target():
+    """init_masks_from_importance: the exact-target masks equal oneshot_masks' selection, every row's expected
+    count equals the target (1e-4), so the Lagrangian at full warm-up is 0 whatever the multipliers."""
+    from composer_shear.functional import apply_shear_pruning, init_masks_from_importance
+    from composer_shear.masks import expected_score
+    model = model_with_dead_parts()
+    scores = importance(model, batches())
+    masks = apply_shear_pruning(model, TARGET, MODULES)
+    source = ModelShape.from_config(model.config)
+    want = oneshot_masks(scores, source, source.resolve_target(TARGET, MODULES), MODULES)
+    sparsity = init_masks_from_importance(masks, scores)
+    with torch.no_grad():
+        masks.lambdas.fill_(5.0)
+    z, lag, stats = masks('target', progress=1.0)
+    for s in masks.structures:
+        assert torch.equal((z[s.name] != 0).float(), want[s.name]), s.name
+        expected = expected_score(masks.log_alpha[s.name].detach()).sum(-1)
+        torch.testing.assert_close(expected, torch.full_like(expected, float(s.target)), atol=1e-4, rtol=0)
+        assert abs(sparsity[s.name] - s.target_sparsity) < 1e-5, s.name
+        assert abs(stats[f'expected_sparsity/{s.name}'] - s.target_sparsity) < 1e-5, s.name
+    assert abs(lag.item()) < 1e-4  # the constraint starts satisfied
+    assert z['layer'].tolist()[2] == 0 and torch.equal(want['layer'], torch.tensor([1.0, 1.0, 0.0, 1.0]))
