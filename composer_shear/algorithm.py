@@ -1,6 +1,8 @@
 """ShearPruning: targeted structured pruning as a Composer Algorithm (YAML name ``shear_pruning``).
 
-Plumbing over :mod:`composer_shear.functional`: masks are attached at ``INIT``, drawn at ``BEFORE_FORWARD``,
+Plumbing over :mod:`composer_shear.functional`: masks are attached at ``INIT`` (and, with ``init.from:
+activations``, set from the first training batch's activation ranking at its ``BATCH_START``), drawn at
+``BEFORE_FORWARD``,
 their Lagrangian added to the loss at ``AFTER_LOSS``, deterministic masks installed at ``EVAL_START`` and the
 logits clamped at ``BATCH_END``.
 """
@@ -18,7 +20,14 @@ from composer.loggers import Logger
 from torch import nn
 
 from composer_shear.errors import ConfigError, ShapeError
-from composer_shear.functional import apply_shear_pruning, clamp_masks, sample_masks, set_eval_masks
+from composer_shear.functional import (
+    apply_shear_pruning,
+    clamp_masks,
+    hf_model_of,
+    init_masks_from_importance,
+    sample_masks,
+    set_eval_masks,
+)
 from composer_shear.masks import LOG_ALPHA_MAX, MASKS_ATTR, ShearMasks
 from composer_shear.shapes import PRUNING_MODULES, ModelShape, validate_pruning_modules
 
@@ -26,7 +35,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ['ShearPruning']
 
-INIT_KEYS = ('log_alpha', 'noise', 'seed')
+INIT_KEYS = ('from', 'log_alpha', 'noise', 'seed')
+INIT_FROM = ('constant', 'activations')
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -47,8 +57,12 @@ class ShearPruning(Algorithm):
         lag_lr: learning rate of the masks (+) and of the multipliers (-, gradient ascent).
         lagrangian_warmup: time over which the target sparsities rise linearly from 0 (e.g. '640ba', '0.2dur').
         eval_target_shape: evaluate with exactly-target masks (else the expected count per row).
-        init: ``log_alpha`` (initial value, default ln 100), ``noise`` (std of added Gaussian noise,
-            default 0), ``seed`` (noise seed; identical on every rank).
+        init: ``from``: ``constant`` (the paper's: every log alpha at ``log_alpha``, default ln 100, plus
+            Gaussian ``noise`` of that std, default 0, drawn with ``seed``, identical on every rank) or
+            ``activations`` (at the first step, the one-shot activation ranking of its global batch, all ranks'
+            statistics summed, sets the masks so that they select what ``prune_oneshot`` would and the expected
+            shape is already the target; the target then applies from step 0, without warm-up; a resumed run
+            does not recompute it).
 
     Example:
         >>> from composer import Trainer
@@ -80,7 +94,11 @@ class ShearPruning(Algorithm):
         unknown = sorted(set(init) - set(INIT_KEYS))
         if unknown:
             raise ConfigError(f'shear_pruning.init.{unknown[0]} is unknown; valid keys: {", ".join(INIT_KEYS)}')
-        self.init = {'log_alpha': LOG_ALPHA_MAX, 'noise': 0.0, 'seed': 0, **init}
+        self.init = {'from': 'constant', 'log_alpha': LOG_ALPHA_MAX, 'noise': 0.0, 'seed': 0, **init}
+        if self.init['from'] not in INIT_FROM:
+            raise ConfigError(f'shear_pruning.init.from must be one of {", ".join(INIT_FROM)}, '
+                              f'got {self.init["from"]!r}')
+        self._initialized = self.init['from'] == 'constant'  # activations: at the first BATCH_START
         self.source: ModelShape | None = None
         self.target_shape: ModelShape | None = None
         self.stats: dict[str, torch.Tensor] = {}
@@ -100,6 +118,8 @@ class ShearPruning(Algorithm):
             self._attach(state)
         elif event == Event.BATCH_START:
             self._microbatch = 0
+            if not self._initialized:
+                self._init_from_activations(state)
         elif event == Event.BEFORE_FORWARD:
             self._lag, self.stats = sample_masks(self.masks(state), self.progress(state), self._noise(state))
             self._microbatch += 1
@@ -122,9 +142,38 @@ class ShearPruning(Algorithm):
         key = [state.rank_zero_seed, dist.get_global_rank(), int(state.timestamp.batch), self._microbatch]
         return torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1))
 
+    def _init_from_activations(self, state: State) -> None:
+        """Set the masks from the activation ranking of this step's global batch (masks off, no gradients)."""
+        from composer.core.precision import get_precision_context
+        from composer.utils import dist
+
+        from composer_shear.oneshot import importance
+        self._initialized = True
+        if int(state.timestamp.batch) > 0:  # a checkpoint from before this option was recorded: keep its masks
+            log.warning('shear_pruning: init.from activations skipped, the run resumes at batch %d',
+                        int(state.timestamp.batch))
+            return
+        masks = self.masks(state)
+        masks.hooks.set(None)
+        batch = state.batch
+
+        def forward(ids: torch.Tensor) -> Any:
+            with get_precision_context(state.precision, state.precision_config):
+                return state.model({'input_ids': ids, 'attention_mask': torch.ones_like(ids)})
+
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            t = state.device.tensor_to_device(t.clone())
+            dist.all_reduce(t)
+            return t.cpu()
+
+        scores = importance(hf_model_of(unwrap(state.model)), [batch['input_ids']], forward, reduce)
+        sparsity = init_masks_from_importance(masks, scores)
+        log.info('shear_pruning: masks initialised from the activations of %d sequences per rank; expected '
+                 'sparsity %s', batch['input_ids'].shape[0], {k: round(v, 4) for k, v in sparsity.items()})
+
     def progress(self, state: State) -> float:
-        """Fraction of the Lagrangian warm-up done."""
-        if self.warmup.value == 0:
+        """Fraction of the Lagrangian warm-up done (1 when the masks start at the target)."""
+        if self.init['from'] == 'activations' or self.warmup.value == 0:
             return 1.0
         if self.warmup.unit == TimeUnit.DURATION:
             elapsed = state.get_elapsed_duration()
@@ -161,12 +210,14 @@ class ShearPruning(Algorithm):
 
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()
+        out['initialized'] = self._initialized
         if self.target_shape is not None:
             out.update(source=self.source.to_dict(), target=self.target_shape.to_dict(),
                        pruning_modules=list(self.pruning_modules))
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._initialized = self._initialized or bool(state.get('initialized', False))
         saved = state.get('target')
         if saved is not None and self.target_shape is not None and saved != self.target_shape.to_dict():
             raise ShapeError(f'the checkpoint was pruned toward {saved} but shear_pruning.target is now '

@@ -168,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument('--distill', type=float, default=None, metavar='ALPHA',
                    help='shear_distill from the source model in both stages with this alpha (0 turns it off; '
                    'default: as the demo YAMLs say)')
+    p.add_argument('--init-from', choices=('constant', 'activations'), default=None,
+                   help="how the pruning stage starts its masks (shear_pruning.init.from; default: the YAML's)")
     args = p.parse_args(argv)
     if args.distill is not None and not 0 <= args.distill <= 1:
         p.error(f'--distill must be in [0, 1], got {args.distill}')
@@ -218,7 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 'train_loader.dataset.epoch_size': interval * batch}
 
     step(4, f'pruning {steps["prune"]} steps (yamls/demo/prune.yaml), dynamic loading every {interval} steps')
-    prune_dyn, prune_s = train('prune', overrides('prune', source_dir, initial), args.distill, source_dir)
+    prune_overrides = overrides('prune', source_dir, initial)
+    if args.init_from:
+        prune_overrides['algorithms.shear_pruning.init.from'] = args.init_from
+    prune_dyn, prune_s = train('prune', prune_overrides, args.distill, source_dir)
     step(5, 'exporting the pruned model')
     pruned_dir = out / 'pruned'
     report = export_checkpoint(out / 'prune' / 'latest-rank0.pt', pruned_dir, source=str(source_dir),
@@ -264,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = '\n'.join(lines) + '\n'
     (out / 'results.md').write_text(text)
     summary = {'steps': steps, 'batch': batch, 'seq_len': seq_len, 'distill': args.distill,
+               'init_from': args.init_from,
                'models': {label: {'params': s.num_params(), 'shape': s.target_dict(),
                                   'eval_loss': {d: math.log(v[0]) for d, v in ppl.items()},
                                   'training_seconds': seconds, 'generations': samples}

@@ -28,9 +28,15 @@ __all__ = ['importance', 'oneshot_masks', 'prune_oneshot', 'structure_scores']
 
 
 @torch.no_grad()
-def importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+def importance(model: nn.Module, batches: Iterable[torch.Tensor],
+               forward: Callable[[torch.Tensor], Any] | None = None,
+               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Scores per structure name (layer [L], hidden [d], heads [L, H], intermediate [L, I]) over `batches`
-    (an iterable of input_ids tensors)."""
+    (an iterable of input_ids tensors), averaged over their tokens.
+
+    `forward(ids)` runs the model (default ``model(input_ids=ids)``; e.g. through a DDP or FSDP wrapper, whose
+    hooks must run); `reduce` sums a tensor over ranks (e.g. an all-reduce) before averaging, so that every rank
+    gets the scores of all ranks' batches. The model's training mode is restored."""
     source = ModelShape.from_config(model.config)
     body = decoder(model)
     L, H, hd = source.num_hidden_layers, source.num_attention_heads, source.head_dim
@@ -43,7 +49,7 @@ def importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, t
             fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor | None = None) -> None:
             x = (args[0] if out is None else out).float().flatten(0, -2)
-            value = fn(x)
+            value = fn(x).cpu()
             if i is None:
                 acc[name] += value
             else:
@@ -55,7 +61,7 @@ def importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, t
                  out: torch.Tensor | tuple[Any, ...]) -> None:
             x = (args[0] if args else kwargs['hidden_states']).float().flatten(0, -2)
             y = (out[0] if isinstance(out, tuple) else out).float().flatten(0, -2)
-            acc['layer'][i] += (1 - torch.cosine_similarity(x, y, dim=-1)).sum()
+            acc['layer'][i] += (1 - torch.cosine_similarity(x, y, dim=-1)).sum().cpu()
         return hook
 
     per_head = lambda x: x.view(x.shape[0], H, hd).norm(dim=-1).sum(0)  # noqa: E731
@@ -66,14 +72,19 @@ def importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, t
         handles.append(layer.mlp.down_proj.register_forward_pre_hook(add('intermediate', i,
                                                                          lambda x: x.abs().sum(0))))
         handles.append(layer.register_forward_hook(influence(i), with_kwargs=True))
+    training = model.training
     model.eval()
     try:
         for ids in batches:
-            model(input_ids=ids)
+            model(input_ids=ids) if forward is None else forward(ids)
             tokens += ids.numel()
     finally:
         for h in handles:
             h.remove()
+        model.train(training)
+    if reduce is not None:
+        acc = {k: reduce(v) for k, v in acc.items()}
+        tokens = int(reduce(torch.tensor([float(tokens)])).item())
     return {k: v / max(tokens, 1) for k, v in acc.items()}
 
 

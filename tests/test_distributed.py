@@ -72,13 +72,14 @@ def test_fsdp2_sharded_and_whole_checkpoints_export_the_same_model(tmp_path):
 
 def test_sigkill_and_autoresume_is_bit_exact(tmp_path):
     """A 2-rank pruning run with distillation (the teacher reloaded from its folder on restart, not from the
-    checkpoint) killed with SIGKILL mid-run and restarted with autoresume ends with exactly the losses, masks and
-    multipliers of an uninterrupted run (fp32, CPU)."""
+    checkpoint) and masks initialised from the first batch's activations (not recomputed on restart), killed with
+    SIGKILL mid-run and restarted with autoresume, ends with exactly the losses, masks and multipliers of an
+    uninterrupted run (fp32, CPU); both ranks hold the same masks (the activation statistics are all-reduced)."""
     import json
     import signal
     import time
     args = ['steps=14', 'save_interval=2ba', 'eval_interval=7ba', 'warmup=6ba', 'autoresume=true',
-            'distill={"alpha": 0.5, "temperature": 2.0}']
+            'distill={"alpha": 0.5, "temperature": 2.0}', 'init={"from": "activations"}']
     launch(tmp_path / 'full', {}, *args)
     composer = Path(sys.executable).with_name('composer')
     cmd = [str(composer), '-n', '2', *MODULE, str(tmp_path / 'killed'), *args]
@@ -104,6 +105,8 @@ def test_sigkill_and_autoresume_is_bit_exact(tmp_path):
         assert after and min(map(int, after)) >= 6  # the restart began at a checkpoint, not from scratch
         assert all(before[k] == v for k, v in after.items())
         assert all(v['kd'] > 0 for v in after.values())
+    ranks = [torch.load(tmp_path / 'full' / f'masks-rank{r}.pt')['log_alpha'] for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
 
 
 @pytest.mark.parametrize('kind', ['ddp', 'fsdp2'])

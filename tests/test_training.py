@@ -129,6 +129,8 @@ def test_bad_algorithm_keys():
         ShearPruning(target={'preset': '1.3b'}, lagrangian_warmup='soon')
     with pytest.raises(ConfigError, match='init.temperature is unknown'):
         ShearPruning(target={'preset': '1.3b'}, init={'temperature': 1})
+    with pytest.raises(ConfigError, match='init.from must be one of constant, activations'):
+        ShearPruning(target={'preset': '1.3b'}, init={'from': 'weights'})
     with pytest.raises(TypeError, match='target_sparsity'):
         ShearPruning(target={'preset': '1.3b'}, target_sparsity=0.5)
 
@@ -140,3 +142,25 @@ def test_not_llama_family(tmp_path):
     model = HuggingFaceModel(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32)))
     with pytest.raises(ShapeError, match="model_type 'gpt2' is not LLaMA-family"):
         Trainer(model=model, algorithms=[ShearPruning(target={'hidden_size': 8})], device='cpu')
+
+
+def test_init_from_activations_starts_at_the_oneshot_selection_of_the_first_batch(tmp_path):
+    """init.from activations: after the first step (mask learning rate ~0), the exact-target masks are the one-shot
+    selection of that step's batch, every pruned structure's expected sparsity is its target (1e-4), and the target
+    applies from step 0 (no warm-up)."""
+    from composer_shear.masks import structures_for
+    from composer_shear.oneshot import importance, oneshot_masks
+    from composer_shear.shapes import ModelShape
+    from composer_shear.testing import Tokens
+    algo, snap = run(tmp_path, steps=1, lag_lr=1e-12, init={'from': 'activations'}, warmup='30ba', batch=4)
+    source = AutoModelForCausalLM.from_pretrained(tmp_path / 'source', attn_implementation='sdpa').eval()
+    shape = ModelShape.from_config(source.config)
+    first = Tokens(256, 32, source.config.vocab_size).ids[:4]  # the first batch (no shuffling, one rank)
+    want = oneshot_masks(importance(source, [first]), shape, algo.target_shape, algo.pruning_modules)
+    for s in structures_for(snap.source, snap.target, algo.pruning_modules):
+        assert torch.equal((snap.z[s.name] != 0).float(), want[s.name]), s.name
+        # a structure kept whole (target = size) stops at the upper clamp: expected sparsity 0.002, not 0
+        tol = 1e-4 if s.target < s.size else 2.1e-3
+        assert abs(float(algo.stats[f'expected_sparsity/{s.name}']) - s.target_sparsity) < tol, s.name
+        assert float(algo.stats[f'target_sparsity/{s.name}']) == pytest.approx(s.target_sparsity)
+    assert not torch.equal(want['intermediate'], want['intermediate'][[1, 0]])  # the layers' selections differ
