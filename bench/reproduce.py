@@ -1,17 +1,22 @@
 """A miniature reproduction of Sheared-LLaMA's claims (Xia et al. 2023) on SmolLM2-135M and the 7-domain RedPajama
-sample, at equal token budgets:
+sample, at equal token budgets, against the strongest peer recipe:
 
-1. sheared    targeted pruning with dynamic loading -> export -> continued pre-training with dynamic loading
-2. constant   the same with constant proportions in both stages
-3. oneshot    one-shot activation-importance pruning to the same shape (composer_shear.oneshot) -> the same
-              continued pre-training, for the pruning stage's tokens too
-4. scratch    the same shape from random initialisation, trained on the same total tokens
+sheared          targeted pruning with dynamic loading -> export -> continued pre-training with dynamic loading
+constant         the same with constant proportions in both stages
+oneshot          one-shot activation-importance pruning to the same shape (composer_shear.oneshot) -> the same
+                 continued pre-training, for the pruning stage's tokens too
+scratch          the same shape from random initialisation, trained on the same total tokens
+oneshot+kd       oneshot, continued with distillation from the source (shear_distill, KD only): the Minitron recipe
+sheared+init     sheared with the masks initialised from the one-shot ranking (shear_pruning.init.from: activations)
+sheared+init+kd  sheared+init with distillation from the source in both stages
 
-Every stage runs llm-foundry's training loop from composer_shear/yamls/demo/{prune,continue}.yaml with overrides. Writes
-OUT/results.md (per-domain eval loss and perplexity of the source and every arm, wall-clock per stage, the
-claims), OUT/*.png (loss curves, domain-weight history, per-domain loss) and OUT/results.json.
+Every stage runs llm-foundry's training loop from composer_shear/yamls/demo/{prune,continue}.yaml with overrides. Each
+run (arm x seed) is cached in OUT/<run>.json, so a changed or added arm reruns alone. Writes OUT/results.md (per-domain
+eval loss, downstream accuracy, wall-clock per stage, the mean and spread over seeds, the claims), OUT/*.png (loss
+curves, domain-weight history, per-domain loss) and OUT/results.json.
 
-    python bench/reproduce.py --budget small            # SmolLM2-135M, about an hour on 2 CPU cores
+    python bench/reproduce.py --budget small            # SmolLM2-135M, every arm: about 2 hours on 2 CPU cores
+    python bench/reproduce.py --budget small --arms oneshot+kd,sheared+init --seeds 17,18,19   # the deciding arms
     python bench/reproduce.py --budget tiny --source DIR --data DIR   # smoke run (tests)
 """
 
@@ -44,7 +49,18 @@ BUDGETS = {
     'tiny': dict(prune=4, cont=4, batch=4, seq=32, interval=2, eval_batches=1, final_eval_seqs=8),
     'small': dict(prune=100, cont=200, batch=8, seq=64, interval=20, eval_batches=2, final_eval_seqs=64),
 }
-ARMS = ('sheared', 'constant', 'oneshot', 'scratch')
+# how each arm prunes (learned masks, one-shot ranking, or none: random init), and its options
+ARMS = {
+    'sheared': dict(prune='learned', dynamic=True),
+    'constant': dict(prune='learned', dynamic=False),
+    'oneshot': dict(prune='oneshot', dynamic=True),
+    'scratch': dict(prune=None, dynamic=True),
+    'oneshot+kd': dict(prune='oneshot', dynamic=True, kd=True),
+    'sheared+init': dict(prune='learned', dynamic=True, init=True),
+    'sheared+init+kd': dict(prune='learned', dynamic=True, init=True, kd=True),
+}
+DEFAULT_SEED = 17  # the demo YAMLs' seed
+KD = {'alpha': 1.0, 'temperature': 1.0}  # distillation only, as Minitron retrains (the teacher is the source)
 
 
 def stage_cfg(stage: str, b: dict, out: Path, model: Path, data: Path, ref: Path, proportions, steps: int,
@@ -143,30 +159,40 @@ def weights_stamp(model_dir: Path) -> list:
     return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in model_dir.glob('*.safetensors'))
 
 
-def run_arm(arm: str, out: Path, b: dict, source: Path, data: Path, ref: Path, target: dict,
-            prune_extra: dict) -> dict:
-    """Train one arm end to end; returns its stages, final per-domain eval and model folder."""
+def run_name(arm: str, seed: int) -> str:
+    """The run's name (its folder and cache file): the arm, with the seed when it is not the default."""
+    return arm if seed == DEFAULT_SEED else f'{arm}@s{seed}'
+
+
+def run_arm(arm: str, seed: int, out: Path, b: dict, source: Path, data: Path, ref: Path, target: dict) -> dict:
+    """Train one arm with one seed end to end; returns its stages, final per-domain eval and model folder."""
     from composer_shear.export import export_checkpoint
-    a = {'stages': {}}
-    folder = out / arm
+    spec = ARMS[arm]
+    a = {'arm': arm, 'seed': seed, 'stages': {}}
+    folder = out / run_name(arm, seed)
     total = b['prune'] + b['cont']
-    update = {'callbacks': {'dynamic_loading': {'update_type': 'constant' if arm == 'constant' else 'doremi'}}}
-    if arm in ('sheared', 'constant'):
+    common = {'seed': seed, 'train_loader': {'dataset': {'seed': seed}},  # the seed also orders the data
+              'callbacks': {'dynamic_loading': {'update_type': 'doremi' if spec['dynamic'] else 'constant'}}}
+    kd = {'algorithms': {'shear_distill': {**KD, 'teacher': str(source)}}} if spec.get('kd') else {}
+    if spec['prune'] == 'learned':
+        pruning = {'target': target, **({'init': {'from': 'activations'}} if spec.get('init') else {})}
         cfg = stage_cfg('prune', b, folder / 'prune', source, data, ref, RP_MIX, b['prune'],
-                        {**prune_extra, **update})
+                        OmegaConf.merge(common, kd, {'algorithms': {'shear_pruning': pruning}}))
         a['stages']['prune'] = run_stage(cfg, folder / 'prune')
         start = time.perf_counter()
         export_checkpoint(folder / 'prune' / 'latest-rank0.pt', folder / 'pruned', source=str(source),
                           overwrite=True)
         a['stages']['export'] = {'seconds': time.perf_counter() - start}
         start_model, steps, mix = folder / 'pruned', b['cont'], a['stages']['prune']['weights']
-    elif arm == 'oneshot':
-        a['stages']['oneshot'] = {'seconds': oneshot_model(source, data, folder / 'pruned', b, target)}
+    else:  # one-shot: the pruned model; scratch: the same architecture (its weights are not used)
+        seconds = oneshot_model(source, data, folder / 'pruned', b, target)
+        if spec['prune'] == 'oneshot':
+            a['stages']['oneshot'] = {'seconds': seconds}
         start_model, steps, mix = folder / 'pruned', total, RP_MIX
-    else:
-        start_model, steps, mix = out / 'sheared' / 'pruned', total, RP_MIX
-        update['model'] = {'pretrained': False}
-        update['optimizer'] = {'lr': 1e-3}  # a from-scratch model gets the usual small-model learning rate
+    update = OmegaConf.merge(common, kd)
+    if spec['prune'] is None:
+        update.model = {'pretrained': False}
+        update.optimizer = {'lr': 1e-3}  # a from-scratch model gets the usual small-model learning rate
     cfg = stage_cfg('continue', b, folder / 'continue', start_model, data, ref, mix, steps, update)
     a['stages']['continue'] = run_stage(cfg, folder / 'continue')
     final = folder / 'continue' / 'huggingface' / f'ba{steps}'
@@ -195,20 +221,24 @@ def run(args) -> dict:
     prepare(args.data, source, data, b['seq'], eval_fraction=0.1)
     ref = out / 'reference_loss.json'
     reference_loss(source, data, ref, max_batches=max(1, b['final_eval_seqs'] // 8))
-    results = {'budget': b, 'target': target, 'tokens_per_step': b['batch'] * b['seq'], 'arms': {}}
+    results = {'budget': b, 'target': target, 'tokens_per_step': b['batch'] * b['seq'], 'kd': KD, 'arms': {}}
     results['source'] = final_eval(source, data, b['seq'], b['final_eval_seqs'])
 
-    prune_extra = {'algorithms': {'shear_pruning': {'target': target}}}
     key = {'budget': b, 'target': target, 'source': str(source), 'data': str(Path(args.data).resolve())}
-    for arm in ARMS:
-        print(f'=== {arm} ===', flush=True)
-        results['arms'][arm] = cached(out / f'{arm}.json', {**key, 'arm': arm},
-                                      lambda arm=arm: run_arm(arm, out, b, source, data, ref, target, prune_extra))
-        (out / 'results.json').write_text(json.dumps(results, indent=1))
-    if tasks is not None:  # downstream accuracy, the same examples for the source and every arm
+    for seed in args.seeds:
+        for arm in args.arms:
+            name = run_name(arm, seed)
+            print(f'=== {name} ===', flush=True)
+            run_key = {**key, 'arm': arm, **({} if seed == DEFAULT_SEED else {'seed': seed})}
+            results['arms'][name] = cached(out / f'{name}.json', run_key,
+                                           lambda arm=arm, seed=seed: run_arm(arm, seed, out, b, source, data, ref,
+                                                                              target))
+            results['arms'][name].update(arm=arm, seed=seed)  # runs cached before the seeds existed
+            write_text(out / 'results.json', json.dumps(results, indent=1))
+    if tasks is not None:  # downstream accuracy, the same examples for the source and every run
         from composer_shear.icl import evaluate_models
         print('=== downstream (llm-foundry ICL) ===', flush=True)
-        models = {'source': source, **{a: Path(results['arms'][a]['model']) for a in ARMS}}
+        models = {'source': source, **{n: Path(a['model']) for n, a in results['arms'].items()}}
         for i, (name, folder) in enumerate(models.items()):
             one = cached(out / 'icl' / f'{name}.json',
                          {'tasks': str(Path(args.tasks).resolve()), 'limit': args.icl_limit,
@@ -220,22 +250,64 @@ def run(args) -> dict:
                 results['downstream'] = one
             else:
                 results['downstream']['models'].update(one['models'])
-        (out / 'results.json').write_text(json.dumps(results, indent=1))
+        write_text(out / 'results.json', json.dumps(results, indent=1))
     return results
 
 
+def arm_stats(r: dict) -> dict:
+    """Per arm, over its seeds: lists of the average eval loss, the worst-domain excess over the source and (when
+    measured) the average downstream accuracy."""
+    stats = {}
+    down = r.get('downstream', {}).get('models', {})
+    for name, a in r['arms'].items():
+        st = stats.setdefault(a.get('arm', name), {'loss': [], 'worst': [], 'down': []})
+        st['loss'].append(sum(a['eval'].values()) / len(DOMAINS))
+        st['worst'].append(max(a['eval'][d] - r['source'][d] for d in DOMAINS))
+        if name in down:
+            st['down'].append(down[name]['average'])
+    return stats
+
+
+def spread(xs: list[float], fmt: str = '.3f') -> str:
+    """`mean` for one value, `mean ± sd (n)` for several (sample standard deviation)."""
+    if len(xs) == 1:
+        return format(xs[0], fmt)
+    return f'{np.mean(xs):{fmt}} ± {np.std(xs, ddof=1):{fmt}} (n={len(xs)})'
+
+
 def claims(r: dict) -> list[str]:
-    avg = {arm: sum(a['eval'].values()) / len(DOMAINS) for arm, a in r['arms'].items()}
-    worst = {arm: max(a['eval'][d] - r['source'][d] for d in DOMAINS) for arm, a in r['arms'].items()}
-    s = avg['sheared']
-    lines = [f'- Pruned beats from scratch at equal tokens: **{"holds" if s < avg["scratch"] else "does not hold"}**'
-             f' (average eval loss {s:.3f} vs {avg["scratch"]:.3f}).']
-    for other in ('constant', 'oneshot'):
-        ok_avg, ok_worst = s <= avg[other], worst['sheared'] <= worst[other]
-        lines.append(f'- Sheared (targeted + dynamic loading) vs {other}: average loss {s:.3f} vs '
-                     f'{avg[other]:.3f} (**{"at least as good" if ok_avg else "worse"}**); worst-domain excess over '
-                     f'the source {worst["sheared"]:.3f} vs {worst[other]:.3f} '
-                     f'(**{"better" if ok_worst else "not better"}**).')
+    """The paper's claims and this project's goal, each stated as holding or not, on the means over seeds."""
+    st = arm_stats(r)
+    mean = {arm: {k: (float(np.mean(v)) if v else None) for k, v in s.items()} for arm, s in st.items()}
+    lines = []
+    learned_arms = [a for a in ARMS if ARMS[a]['prune'] == 'learned' and ARMS[a]['dynamic'] and a in mean]
+    if learned_arms and 'scratch' in mean:
+        s, o = mean[learned_arms[0]]['loss'], mean['scratch']['loss']
+        lines.append(f'- Pruned ({learned_arms[0]}) beats from scratch at equal tokens: '
+                     f'**{"holds" if s < o else "does not hold"}** (average eval loss {s:.3f} vs {o:.3f}).')
+    for learned in learned_arms:
+        for other in (a for a in ('constant', 'oneshot', 'oneshot+kd') if a in mean):
+            m, o = mean[learned], mean[other]
+            text = (f'- {learned} vs {other}: average loss {spread(st[learned]["loss"])} vs {spread(st[other]["loss"])}'
+                    f' (**{"lower" if m["loss"] < o["loss"] else "not lower"}**); worst-domain excess '
+                    f'{m["worst"]:.3f} vs {o["worst"]:.3f} (**{"lower" if m["worst"] < o["worst"] else "not lower"}**)')
+            if m['down'] is not None and o['down'] is not None:
+                text += (f'; downstream average {spread(st[learned]["down"])} vs {spread(st[other]["down"])} '
+                         f'(**{"higher" if m["down"] > o["down"] else "not higher"}**)')
+            lines.append(text + '.')
+    return lines
+
+
+def seeds_table(r: dict) -> list[str]:
+    """Mean ± sample standard deviation over seeds per arm (only when some arm has several)."""
+    st = arm_stats(r)
+    if all(len(s['loss']) == 1 for s in st.values()):
+        return []
+    lines = ['', 'Over seeds (mean ± sample standard deviation; the noise a difference must exceed):', '',
+             '| arm | seeds | average eval loss | worst-domain excess | downstream average |', '|---' * 5 + '|']
+    for arm, s in st.items():
+        lines.append(f'| {arm} | {len(s["loss"])} | {spread(s["loss"])} | {spread(s["worst"])} | '
+                     + (spread(s['down']) if s['down'] else '-') + ' |')
     return lines
 
 
@@ -265,17 +337,18 @@ def report(r: dict, out: Path) -> str:
     fig.tight_layout()
     fig.savefig(out / 'loss_curves.png', dpi=100)
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    sheared = r['arms']['sheared']['stages']
-    for ax, name in zip(axes, ('prune', 'continue'), strict=True):
-        st = sheared[name]
-        xs = [0] + [h['batch'] for h in st['history']]
-        for j, d in enumerate(DOMAINS):
-            ax.plot(xs, [st['initial'][j]] + [h['weights'][j] for h in st['history']], marker='.', label=d)
-        ax.set(title=f'sheared arm, domain weights: {name}', xlabel='step', ylim=(0, 1))
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / 'domain_weights.png', dpi=100)
+    shown = next((n for n, a in r['arms'].items() if 'prune' in a['stages']), None)  # the first learned run
+    if shown is not None:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        for ax, name in zip(axes, ('prune', 'continue'), strict=True):
+            st = r['arms'][shown]['stages'][name]
+            xs = [0] + [h['batch'] for h in st['history']]
+            for j, d in enumerate(DOMAINS):
+                ax.plot(xs, [st['initial'][j]] + [h['weights'][j] for h in st['history']], marker='.', label=d)
+            ax.set(title=f'{shown}, domain weights: {name}', xlabel='step', ylim=(0, 1))
+        axes[1].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / 'domain_weights.png', dpi=100)
 
     fig, ax = plt.subplots(figsize=(12, 4))
     rows = {'source': r['source']} | {arm: a['eval'] for arm, a in r['arms'].items()}
@@ -293,7 +366,8 @@ def report(r: dict, out: Path) -> str:
     lines = [f'Budget `{next(k for k, v in BUDGETS.items() if v == b)}`: pruning {b["prune"]} steps + continued '
              f'{b["cont"]} steps of {b["batch"]} x {b["seq"]} tokens ({(b["prune"] + b["cont"]) * tps:,} tokens per '
              f'arm); re-weighting every {b["interval"]} steps; final eval on up to {b["final_eval_seqs"]} held-out '
-             f'sequences per domain. Target: {r["target"]}.', '',
+             f'sequences per domain. Target: {r["target"]}. Distillation (the +kd arms): shear_distill from the '
+             f'source with {r.get("kd", KD)}.', '',
              '| model | ' + ' | '.join(DOMAINS) + ' | average | worst excess over source |',
              '|---' * (len(DOMAINS) + 3) + '|']
     for name, ev in rows.items():
@@ -318,7 +392,7 @@ def report(r: dict, out: Path) -> str:
                   f'task (a subsample: one binomial standard error is up to {50 / math.sqrt(n):.0f} points per task), '
                   f'the same examples for every model, one run (evaluation is deterministic).', '',
                   results_table(ds, by_model=True)]
-    lines += ['', *claims(r), '']
+    lines += [*seeds_table(r), '', *claims(r), '']
     text = '\n'.join(lines)
     (out / 'results.md').write_text(text)
     return text
@@ -336,7 +410,18 @@ def main(argv=None) -> int:
                    help='downstream tasks YAML (default: yamls/eval/zero_shot_tasks.yaml; "none" to skip)')
     p.add_argument('--icl-limit', type=int, default=50, help='the first N examples of each downstream task')
     p.add_argument('--icl-max-seq-len', type=int, default=DEFAULT_MAX_SEQ_LEN)
+    p.add_argument('--arms', default=','.join(ARMS), help=f'comma-separated arms (default: all of {", ".join(ARMS)})')
+    p.add_argument('--seeds', default=str(DEFAULT_SEED),
+                   help='comma-separated training seeds; every arm runs with each (default: %(default)s)')
     args = p.parse_args(argv)
+    args.arms = [a.strip() for a in args.arms.split(',') if a.strip()]
+    bad = [a for a in args.arms if a not in ARMS]
+    if bad or not args.arms:
+        p.error(f'--arms: unknown arm {bad[0] if bad else "(none given)"!r}; choose from {", ".join(ARMS)}')
+    try:
+        args.seeds = [int(x) for x in args.seeds.split(',')]
+    except ValueError:
+        p.error(f'--seeds: not a comma-separated list of integers: {args.seeds!r}')
     if args.run_stage:
         stage_main(*args.run_stage)
         return 0

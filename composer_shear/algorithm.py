@@ -37,6 +37,7 @@ __all__ = ['ShearPruning']
 
 INIT_KEYS = ('from', 'log_alpha', 'noise', 'seed')
 INIT_FROM = ('constant', 'activations')
+MASK_LR_SCHEDULES = ('model', 'constant')
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -57,6 +58,8 @@ class ShearPruning(Algorithm):
         lag_lr: learning rate of the masks (+) and of the multipliers (-, gradient ascent).
         lagrangian_warmup: time over which the target sparsities rise linearly from 0 (e.g. '640ba', '0.2dur').
         eval_target_shape: evaluate with exactly-target masks (else the expected count per row).
+        mask_lr_schedule: ``model`` (the paper's: the mask and multiplier learning rates follow the run's
+            scheduler, so they are 0 at step 1 under a warm-up) or ``constant`` (``lag_lr`` at every step).
         init: ``from``: ``constant`` (the paper's: every log alpha at ``log_alpha``, default ln 100, plus
             Gaussian ``noise`` of that std, default 0, drawn with ``seed``, identical on every rank) or
             ``activations`` (at the first step, the one-shot activation ranking of its global batch, all ranks'
@@ -73,7 +76,7 @@ class ShearPruning(Algorithm):
     def __init__(self, target: Mapping[str, Any] | str | None = None,
                  pruning_modules: Sequence[str] = PRUNING_MODULES, lag_lr: float = 1.0,
                  lagrangian_warmup: str = '0.2dur', eval_target_shape: bool = False,
-                 init: Mapping[str, Any] | None = None) -> None:
+                 init: Mapping[str, Any] | None = None, mask_lr_schedule: str = 'model') -> None:
         if target is None:
             raise ConfigError('shear_pruning.target is required (HF config fields or preset: 1.3b|2.7b|370m)')
         self.target = dict(target) if isinstance(target, Mapping) else target
@@ -99,6 +102,10 @@ class ShearPruning(Algorithm):
             raise ConfigError(f'shear_pruning.init.from must be one of {", ".join(INIT_FROM)}, '
                               f'got {self.init["from"]!r}')
         self._initialized = self.init['from'] == 'constant'  # activations: at the first BATCH_START
+        if mask_lr_schedule not in MASK_LR_SCHEDULES:
+            raise ConfigError(f'shear_pruning.mask_lr_schedule must be one of {", ".join(MASK_LR_SCHEDULES)}, '
+                              f'got {mask_lr_schedule!r}')
+        self.mask_lr_schedule = mask_lr_schedule
         self.source: ModelShape | None = None
         self.target_shape: ModelShape | None = None
         self.stats: dict[str, torch.Tensor] = {}
@@ -107,7 +114,8 @@ class ShearPruning(Algorithm):
 
     def __repr__(self) -> str:
         return (f'ShearPruning(target={self.target!r}, pruning_modules={list(self.pruning_modules)}, '
-                f'lag_lr={self.lag_lr}, lagrangian_warmup={self.warmup})')
+                f'lag_lr={self.lag_lr}, lagrangian_warmup={self.warmup}, init={self.init}, '
+                f'mask_lr_schedule={self.mask_lr_schedule!r})')
 
     def match(self, event: Event, state: State) -> bool:
         return event in (Event.INIT, Event.BATCH_START, Event.BEFORE_FORWARD, Event.AFTER_LOSS, Event.EVAL_START,
@@ -120,6 +128,8 @@ class ShearPruning(Algorithm):
             self._microbatch = 0
             if not self._initialized:
                 self._init_from_activations(state)
+            if self.mask_lr_schedule == 'constant':
+                self._constant_mask_lr(state)
         elif event == Event.BEFORE_FORWARD:
             self._lag, self.stats = sample_masks(self.masks(state), self.progress(state), self._noise(state))
             self._microbatch += 1
@@ -170,6 +180,15 @@ class ShearPruning(Algorithm):
         sparsity = init_masks_from_importance(masks, scores)
         log.info('shear_pruning: masks initialised from the activations of %d sequences per rank; expected '
                  'sparsity %s', batch['input_ids'].shape[0], {k: round(v, 4) for k, v in sparsity.items()})
+
+    def _constant_mask_lr(self, state: State) -> None:
+        """Undo the scheduler for the mask and multiplier groups: this step runs them at +-lag_lr (the scheduler
+        recomputes every group's rate from its initial one, so this does not compound)."""
+        ids = {id(p) for p in self.masks(state).parameters()}
+        for opt in state.optimizers:
+            for group in opt.param_groups:
+                if any(id(p) in ids for p in group['params']):
+                    group['lr'] = group['initial_lr']
 
     def progress(self, state: State) -> float:
         """Fraction of the Lagrangian warm-up done (1 when the masks start at the target)."""

@@ -103,13 +103,15 @@ class Structure:
 
 
 def structures_for(source: ModelShape, target: ModelShape, modules: Iterable[str]) -> list[Structure]:
-    """The masks a pruning run needs, in the fixed order of `STRUCTURE_MODULES`."""
+    """The masks a pruning run needs, in the fixed order of `STRUCTURE_MODULES`. A structure whose target keeps
+    every entry (e.g. 3 -> 3 query slots) gets no mask: it has nothing to choose, and its constraint could never be
+    met (the expected sparsity at the upper clamp is 0.002, not 0), so its multiplier would grow without bound."""
     modules = set(modules)
     rows = {'layer': 0, 'hidden': 0}  # one row; the others have a row per layer
     size, keep = structure_sizes(source), structure_sizes(target)
     out = []
     for name, module in STRUCTURE_MODULES.items():
-        if module not in modules or (name == 'query' and source.queries_per_group == 1):
+        if module not in modules or keep[name] == size[name]:
             continue
         out.append(Structure(name, rows.get(name, source.num_hidden_layers), size[name], keep[name]))
     return out

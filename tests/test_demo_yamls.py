@@ -1,6 +1,7 @@
-"""composer_shear/yamls/demo/{prune,continue}.yaml on 2 processes (`composer -n 2 train.py`), DDP and FSDP2,
-on a tiny model: both stages train with dynamic loading and per-domain eval, the pruned checkpoint exports, and
-the continued model comes out as an HF folder."""
+"""composer_shear/yamls/demo/{prune,continue}.yaml on 2 processes (`composer -n 2 train.py`) on a tiny model: under
+DDP both stages train with dynamic loading and per-domain eval, the pruned checkpoint exports, and the continued
+model comes out as an HF folder; under FSDP2 the continued stage does the same (FSDP2 pruning with these callbacks
+and its sharded-checkpoint export are tested in tests/test_dynamic_distributed.py and tests/test_distributed.py)."""
 
 import json
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from composer_shear.data.prepare import prepare
@@ -70,28 +72,37 @@ def check_history(log, initial):
     return weights
 
 
-@pytest.mark.parametrize('mode', ['ddp', 'fsdp2'])
-def test_both_demo_stages_on_two_ranks(workdir, mode):
-    fsdp = mode == 'fsdp2'
+def test_both_demo_stages_on_two_ranks_ddp(workdir):
     target = [f'algorithms.shear_pruning.target.{k}={v}' for k, v in TARGET.items()]
-    prune_out = workdir / f'prune-{mode}'
-    log = launch(workdir, 'prune', workdir / 'model', prune_out, fsdp, *target)
+    prune_out = workdir / 'prune-ddp'
+    log = launch(workdir, 'prune', workdir / 'model', prune_out, False, *target)
     weights = check_history(log, [0.6, 0.1, 0.3])
     report = json.loads((prune_out / 'pruning' / f'ba{STEPS}' / 'shape_report.json').read_text())
     assert report['deterministic']['hidden_size'] == TARGET['hidden_size']
 
-    checkpoint = next(prune_out.glob(f'ep*-ba{STEPS}')) if fsdp else prune_out / 'latest-rank0.pt'
-    pruned = workdir / f'pruned-{mode}'
-    res = subprocess.run([sys.executable, '-m', 'composer_shear.cli', 'export', '--checkpoint', str(checkpoint),
-                          '--out', str(pruned), '--source', str(workdir / 'model')],
+    pruned = workdir / 'pruned-ddp'
+    res = subprocess.run([sys.executable, '-m', 'composer_shear.cli', 'export', '--checkpoint',
+                          str(prune_out / 'latest-rank0.pt'), '--out', str(pruned), '--source', str(workdir / 'model')],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+    continued(workdir, pruned, 'ddp', weights)
 
-    cont_out = workdir / f'continue-{mode}'
+
+def test_continue_stage_on_two_ranks_fsdp2(workdir):
+    continued(workdir, workdir / 'model', 'fsdp2', np.array([0.6, 0.1, 0.3]))
+
+
+def continued(workdir, start, mode, weights):
+    """The continued stage from `start` with initial mix `weights`: dynamic loading follows the rule and the final
+    HF folder holds a model of `start`'s shape."""
+    out = workdir / f'continue-{mode}'
     proportions = '[' + ','.join(repr(float(w)) for w in weights) + ']'
-    log = launch(workdir, 'continue', pruned, cont_out, fsdp, f'variables.proportions={proportions}')
+    log = launch(workdir, 'continue', start, out, mode == 'fsdp2', f'variables.proportions={proportions}')
     check_history(log, weights)
-    final = AutoModelForCausalLM.from_pretrained(cont_out / 'huggingface' / f'ba{STEPS}')
-    assert final.config.num_hidden_layers == TARGET['num_hidden_layers']
-    assert final.config.intermediate_size == TARGET['intermediate_size']
-    assert final.num_parameters() == AutoModelForCausalLM.from_pretrained(pruned).num_parameters()
+    final = AutoModelForCausalLM.from_pretrained(out / 'huggingface' / f'ba{STEPS}')
+    begin = AutoModelForCausalLM.from_pretrained(start)
+    for field in ('num_hidden_layers', 'hidden_size', 'num_attention_heads', 'num_key_value_heads',
+                  'intermediate_size'):
+        assert getattr(final.config, field) == getattr(begin.config, field), field
+    assert final.num_parameters() == begin.num_parameters()
+    assert not all(torch.equal(p, q) for p, q in zip(final.parameters(), begin.parameters(), strict=True))  # trained

@@ -33,6 +33,50 @@ def test_update_rule_worked_example():
     assert abs(extreme.sum() - 1) < 1e-12 and (extreme >= 1e-4 / 3 * 0.999).all()
 
 
+
+def test_step_size_relative_excess_and_cap():
+    """The options that keep the mix from collapsing, each against a hand computation (rtol 1e-12)."""
+    w0, losses, ref = np.array([0.5, 0.3, 0.2]), np.array([4.0, 3.0, 2.5]), np.array([2.0, 2.0, 2.0])
+
+    def rule(excess):  # softmax(log w + excess) mixed with 1e-4 of uniform
+        a = w0 * np.exp(excess)
+        a = 0.9999 * a / a.sum() + 1e-4 / 3
+        return a / a.sum()
+    d = losses - ref  # [2, 1, 0.5]
+    np.testing.assert_allclose(update_domain_weights(w0, losses, ref, step_size=0.1), rule(0.1 * d), rtol=1e-12)
+    # relative: excess minus its mean (7/6) -> [5/6, -1/6, -2/3], clipped at 0 -> only the first domain gains
+    np.testing.assert_allclose(update_domain_weights(w0, losses, ref, excess='relative'),
+                               rule(np.array([5 / 6, 0, 0])), rtol=1e-12)
+    # a uniform degradation (every domain 1.5 nat above its reference) leaves the relative mix unchanged
+    np.testing.assert_allclose(update_domain_weights(w0, ref + 1.5, ref, excess='relative'), rule(np.zeros(3)),
+                               rtol=1e-12)
+    free = rule(d)  # about [0.82, 0.14, 0.04]: the cap at 0.5 gives the other two 0.5 in proportion
+    capped = update_domain_weights(w0, losses, ref, max_weight=0.5)
+    np.testing.assert_allclose(capped, [0.5, *(free[1:] / free[1:].sum() * 0.5)], rtol=1e-12)
+    # a second domain pushed over the cap by the redistribution is capped too
+    from composer_shear.data.weights import cap_weights
+    np.testing.assert_allclose(cap_weights([0.6, 0.3, 0.1], 0.35), [0.35, 0.35, 0.3], rtol=1e-12)
+    np.testing.assert_allclose(cap_weights([0.2, 0.3, 0.5], 1.0), [0.2, 0.3, 0.5], rtol=0)
+    # the paper's rule is the default
+    assert np.array_equal(update_domain_weights(w0, losses, ref),
+                          update_domain_weights(w0, losses, ref, step_size=1.0, excess='absolute', max_weight=None))
+    with pytest.raises(ValueError, match="excess 'ratio' is unknown"):
+        update_domain_weights(w0, losses, ref, excess='ratio')
+    with pytest.raises(ValueError, match='below 1/3'):
+        cap_weights(w0, 0.3)
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('step_size', 0, 'step_size must be a positive number'),
+    ('step_size', True, 'step_size must be a positive number'),
+    ('excess', 'ratio', "excess 'ratio' is unknown"),
+    ('max_weight', 0.2, r'max_weight must be in \[1/3, 1\]'),
+    ('max_weight', 1.5, r'max_weight must be in \[1/3, 1\]'),
+])
+def test_bad_update_options_name_the_key(key, value, message):
+    with pytest.raises(ValueError, match=f'dynamic_loading.{message}'):
+        DynamicLoading(['a', 'b', 'c'], [0.5, 0.3, 0.2], [1.0, 1.0, 1.0], **{key: value})
+
 def loader(root, props, epoch_size=2000, workers=2, rank=None, world=None, batch=4, domains=('a', 'b', 'c')):
     spec = build_dynamic_text_dataloader(None, batch, dict(local=str(root), domains=list(domains), proportions=props,
                                                            epoch_size=epoch_size, max_seq_len=8, rank=rank,

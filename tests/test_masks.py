@@ -61,14 +61,14 @@ TARGET = dict(num_hidden_layers=3, hidden_size=48, num_attention_heads=4, num_ke
 
 def test_structures_and_exact_target_masks():
     m = make(TARGET)
-    assert {s.name: s.shape for s in m.structures} == {
-        'layer': (4,), 'hidden': (64,), 'kv': (4, 2), 'query': (4, 4), 'intermediate': (4, 80)}
+    assert {s.name: s.shape for s in m.structures} == {  # query slots 4 -> 4: nothing to choose, no mask
+        'layer': (4,), 'hidden': (64,), 'kv': (4, 2), 'intermediate': (4, 80)}
     with torch.no_grad():
         for p in m.log_alpha.values():
             p.normal_()
     z, _, _ = m('target')
     assert (z['layer'] != 0).sum() == 3 and (z['hidden'] != 0).sum() == 48
-    assert ((z['kv'] != 0).sum(-1) == 1).all() and ((z['query'] != 0).sum(-1) == 4).all()
+    assert ((z['kv'] != 0).sum(-1) == 1).all() and 'query' not in z
     assert ((z['intermediate'] != 0).sum(-1) == 40).all()
 
 
@@ -116,3 +116,33 @@ def test_one_step_moves_multipliers_so_the_penalty_grows():
     for i in pruned:
         name = m.structures[i].name
         assert stats2[f'expected_sparsity/{name}'] > stats0[f'expected_sparsity/{name}']
+
+
+def test_a_structure_kept_whole_has_no_mask_and_no_constraint():
+    """Targets equal to the source size (4 -> 4 layers, 4 query slots) get no mask: at the upper clamp the expected
+    sparsity is 0.002, so a constraint toward 0 could never be met and its multiplier would grow without bound."""
+    m = make({**TARGET, 'num_hidden_layers': 4})
+    assert [s.name for s in m.structures] == ['hidden', 'kv', 'intermediate']
+    assert m.lambdas.shape == (3, 2)
+    _, lag, stats = m('sample', progress=1.0)
+    assert not any(k.endswith('/layer') or k.endswith('/query') for k in stats)
+    assert stats['expected/num_hidden_layers'] == 4  # counted as fully kept
+
+
+def test_export_reads_a_checkpoint_that_still_has_a_mask_for_a_structure_kept_whole():
+    """Checkpoints written before full-target structures lost their mask (a `query` mask for 4 -> 4 slots and its
+    multiplier row) load into the new module: that mask is dropped, the others and their multipliers are kept."""
+    from composer_shear.export import masks_from_state
+    m = make(TARGET)
+    with torch.no_grad():
+        for p in m.log_alpha.values():
+            p.normal_()
+        m.lambdas.normal_()
+    sd = m.state_dict()
+    old = dict(sd)
+    old['log_alpha.query'] = torch.full((4, 4), M.LOG_ALPHA_MAX)
+    old['lambdas'] = torch.cat([sd['lambdas'][:3], torch.tensor([[52.6, 0.0]]), sd['lambdas'][3:]])  # query's row
+    back = masks_from_state(m.source, old)
+    assert back.state_dict().keys() == sd.keys()
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, sd[k]), k

@@ -1,5 +1,6 @@
-"""bench/reproduce.py end to end on a tiny model, a cut-down 7-domain sample and the `tiny` budget: every arm
-trains, the table, the claims and the plots come out."""
+"""bench/reproduce.py end to end on a tiny model, a cut-down 7-domain sample and the `tiny` budget: arms covering
+every option (learned masks with init + distillation + dynamic loading, one-shot + distillation, scratch)
+train, the table, the claims and the plots come out; a rerun reuses them and adds a seed."""
 
 import json
 import subprocess
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from composer_shear.testing import TARGET, save_tiny, write_sums_task
 
@@ -30,33 +32,50 @@ def test_reproduce_tiny_budget(tmp_path):
     cmd = [sys.executable, str(ROOT / 'bench' / 'reproduce.py'), '--budget', 'tiny', '--out', str(out),
            '--source', str(tmp_path / 'model'), '--data', str(tmp_path / 'corpus'), '--target', json.dumps(TARGET),
            '--tasks', str(tasks), '--icl-limit', '5', '--icl-max-seq-len', '128']
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    arms = ['sheared+init+kd', 'oneshot+kd', 'scratch']
+    res = subprocess.run([*cmd, '--arms', ','.join(arms)], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert '(reusing' not in res.stdout
     results = json.loads((out / 'results.json').read_text())
-    assert set(results['arms']) == {'sheared', 'constant', 'oneshot', 'scratch'}
+    assert list(results['arms']) == arms
     for arm, a in results['arms'].items():
+        assert a['arm'] == arm and a['seed'] == 17
         assert len(a['eval']) == 7 and all(0 < v < 20 for v in a['eval'].values()), arm
-        steps = 8 if arm in ('oneshot', 'scratch') else 4  # equal tokens: 4 pruning + 4 continued steps
+        steps = 8 if arm in ('oneshot+kd', 'scratch') else 4  # equal tokens: 4 pruning + 4 continued steps
         assert a['stages']['continue']['curve'][-1][0] == steps, arm
-    assert results['arms']['constant']['stages']['prune']['weights'] == results['arms']['constant']['stages'][
-        'prune']['initial']
-    assert results['arms']['sheared']['stages']['prune']['weights'] != results['arms']['sheared']['stages'][
-        'prune']['initial']
+    cfg = OmegaConf.load(out / 'sheared+init+kd' / 'prune' / 'stage.yaml')
+    assert cfg.algorithms.shear_distill.teacher == str(tmp_path / 'model')
+    assert cfg.algorithms.shear_pruning.init['from'] == 'activations'
+    assert cfg.seed == cfg.train_loader.dataset.seed == 17
+    for arm in arms:
+        cfg = OmegaConf.load(out / arm / 'continue' / 'stage.yaml').get('algorithms') or {}
+        assert ('shear_distill' in cfg) == arm.endswith('+kd'), arm
+        assert cfg.get('shear_distill', {}).get('teacher') in (None, str(tmp_path / 'model'))
+    assert results['arms']['sheared+init+kd']['stages']['prune']['weights'] != results['arms'][
+        'sheared+init+kd']['stages']['prune']['initial']
     down = results['downstream']
-    assert list(down['models']) == ['source', 'sheared', 'constant', 'oneshot', 'scratch']
+    assert list(down['models']) == ['source', *arms]
     assert down['examples'] == {'sums': 5} and all(len(m['per_example']['sums/0-shot']) == 5
                                                    for m in down['models'].values())
     table = (out / 'results.md').read_text()
     assert '| source | ' in table and 'first 5 examples of each task' in table
-    assert '| sheared (loss) |' in table and 'Pruned beats from scratch' in table
+    assert '| sheared+init+kd (loss) |' in table and 'Pruned (sheared+init+kd) beats from scratch' in table
+    assert '- sheared+init+kd vs oneshot+kd: average loss' in table and 'downstream average' in table
+    assert '- sheared+init+kd vs constant' not in table  # only the arms that ran
+    assert 'Over seeds' not in table
     for png in ('loss_curves.png', 'domain_weights.png', 'domain_loss.png'):
         assert (out / png).stat().st_size > 1000
 
-    # a rerun reuses every arm and every model's downstream result (4 arms + 5 models) and reports the same
-    first = results
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    # a rerun reuses every run and every model's downstream result, and a second seed runs only what it adds
+    res = subprocess.run([*cmd, '--arms', 'scratch', '--seeds', '17,18'], capture_output=True, text=True,
+                         timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    assert res.stdout.count('(reusing') == 9, res.stdout[-3000:]
+    assert res.stdout.count('(reusing') == 3, res.stdout[-3000:]  # scratch, the source's and scratch's ICL
     again = json.loads((out / 'results.json').read_text())
-    assert again['arms'] == first['arms'] and again['downstream']['models'] == first['downstream']['models']
+    assert list(again['arms']) == ['scratch', 'scratch@s18']
+    assert again['arms']['scratch'] == results['arms']['scratch']
+    assert again['arms']['scratch@s18']['eval'] != results['arms']['scratch']['eval']  # another seed
+    assert again['downstream']['models']['scratch'] == results['downstream']['models']['scratch']
+    assert OmegaConf.load(out / 'scratch@s18' / 'continue' / 'stage.yaml').train_loader.dataset.seed == 18
+    table = (out / 'results.md').read_text()
+    assert 'Over seeds' in table and '| scratch | 2 | ' in table and '(n=2)' in table

@@ -131,6 +131,8 @@ def test_bad_algorithm_keys():
         ShearPruning(target={'preset': '1.3b'}, init={'temperature': 1})
     with pytest.raises(ConfigError, match='init.from must be one of constant, activations'):
         ShearPruning(target={'preset': '1.3b'}, init={'from': 'weights'})
+    with pytest.raises(ConfigError, match='mask_lr_schedule must be one of model, constant'):
+        ShearPruning(target={'preset': '1.3b'}, mask_lr_schedule='cosine')
     with pytest.raises(TypeError, match='target_sparsity'):
         ShearPruning(target={'preset': '1.3b'}, target_sparsity=0.5)
 
@@ -164,3 +166,26 @@ def test_init_from_activations_starts_at_the_oneshot_selection_of_the_first_batc
         assert abs(float(algo.stats[f'expected_sparsity/{s.name}']) - s.target_sparsity) < tol, s.name
         assert float(algo.stats[f'target_sparsity/{s.name}']) == pytest.approx(s.target_sparsity)
     assert not torch.equal(want['intermediate'], want['intermediate'][[1, 0]])  # the layers' selections differ
+
+
+@pytest.mark.parametrize('schedule', ['model', 'constant'])
+def test_mask_lr_schedule(tmp_path, schedule):
+    """mask_lr_schedule: the mask and multiplier groups step at +-lag_lr times the run's schedule factor (model, the
+    paper's) or at +-lag_lr at every step (constant), while the model's group follows the cosine schedule."""
+    from composer.core import Callback
+
+    class Rates(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def before_forward(self, state, logger):
+            self.seen.append([g['lr'] for g in state.optimizers[0].param_groups])
+    rates = Rates()
+    run(tmp_path, steps=4, lag_lr=0.5, save_interval='4ba', eval_interval='4ba', mask_lr_schedule=schedule,
+        callbacks=[rates])
+    assert len(rates.seen) == 8  # 4 steps x 2 microbatches
+    factors = [lrs[0] / 1e-3 for lrs in rates.seen[::2]]
+    assert factors[0] == pytest.approx(1.0) and factors[-1] <= 0.5  # the cosine decays the model's rate
+    for f, lrs in zip(factors, rates.seen[::2], strict=True):
+        scale = f if schedule == 'model' else 1.0
+        assert lrs[1:] == pytest.approx([0.5 * scale, -0.5 * scale], rel=1e-12)

@@ -14,7 +14,7 @@ from composer.loggers import Logger
 from numpy.typing import ArrayLike
 
 from composer_shear._io import run_folder, write_text
-from composer_shear.data.weights import UPDATE_TYPES, check_proportions, per_domain, update_domain_weights
+from composer_shear.data.weights import EXCESS_TYPES, UPDATE_TYPES, check_proportions, per_domain, update_domain_weights
 from composer_shear.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -92,7 +92,9 @@ class DynamicLoading(Callback):
 
     def __init__(self, domains: Iterable[str], initial_proportions: ArrayLike | dict[str, float],
                  reference_loss: str | Sequence[float] | dict[str, float], update_type: str = 'doremi',
-                 clip_negative_excess: bool = True, smoothing: float = 1e-4, history_file: str | None = None) -> None:
+                 clip_negative_excess: bool = True, smoothing: float = 1e-4, step_size: float = 1.0,
+                 excess: str = 'absolute', max_weight: float | None = None,
+                 history_file: str | None = None) -> None:
         self.domains = list(domains)
         self.weights = check_proportions(initial_proportions, self.domains, 'dynamic_loading.initial_proportions')
         self.initial = self.weights.tolist()
@@ -105,6 +107,17 @@ class DynamicLoading(Callback):
         if not 0 <= smoothing < 1:
             raise ConfigError(f'dynamic_loading.smoothing must be in [0, 1), got {smoothing}')
         self.smoothing = float(smoothing)
+        if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not step_size > 0:
+            raise ConfigError(f'dynamic_loading.step_size must be a positive number, got {step_size!r}')
+        self.step_size = float(step_size)
+        if excess not in EXCESS_TYPES:
+            raise ConfigError(f'dynamic_loading.excess {excess!r} is unknown; choose from {EXCESS_TYPES}')
+        self.excess = excess
+        if max_weight is not None and (isinstance(max_weight, bool) or not isinstance(max_weight, (int, float))
+                                       or not 1 / len(self.domains) <= max_weight <= 1):
+            raise ConfigError(f'dynamic_loading.max_weight must be in [1/{len(self.domains)}, 1] (one over the '
+                              f'number of domains), got {max_weight!r}')
+        self.max_weight = None if max_weight is None else float(max_weight)
         self.history: list[dict] = []  # [{'batch', 'weights', 'losses'}]
 
     def _dataset(self, state: State) -> DynamicStreamingDataset:
@@ -133,7 +146,7 @@ class DynamicLoading(Callback):
                 raise ConfigError(f'dynamic_loading: no eval loader labelled {d!r} with {METRIC}')
             losses.append(float(metrics[METRIC].compute()))
         self.weights = update_domain_weights(self.weights, losses, self.reference, self.update_type, self.clip,
-                                      self.smoothing)
+                                             self.smoothing, self.step_size, self.excess, self.max_weight)
         self.history.append({'batch': int(state.timestamp.batch), 'losses': losses, 'weights': self.weights.tolist()})
         self._dataset(state).set_proportions(self.weights)
         self.write_history(state)
@@ -147,7 +160,8 @@ class DynamicLoading(Callback):
             return
         path = Path(self.history_file) if self.history_file else run_folder(state, None, HISTORY_FILE)
         write_text(path, json.dumps({'domains': self.domains, 'reference_loss': self.reference.tolist(),
-                                     'update_type': self.update_type, 'initial': self.initial,
+                                     'update_type': self.update_type, 'step_size': self.step_size,
+                                     'excess': self.excess, 'max_weight': self.max_weight, 'initial': self.initial,
                                      'history': self.history}, indent=1))
 
     def batch_end(self, state: State, logger: Logger) -> None:
