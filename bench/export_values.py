@@ -1,9 +1,9 @@
 """Soft or binary mask values at export: the per-domain eval loss of the model exported from one pruning
 checkpoint both ways, side by side.
 
-`composer-shear export` folds each kept entry's deterministic mask value (sigmoid(0.8 log alpha / beta), e.g. 0.996
-at the upper clamp, 0.004 at the lower) into the weights, as the paper's code does; setting kept entries to 1 instead
-removes the scaling the masks applied during training. This measures what each choice costs right after export.
+With `shear_pruning.mask_values: soft` (the paper's code), export folds each kept entry's deterministic mask value
+(sigmoid(0.8 log alpha / beta): 0.996 at the upper clamp, 0.004 at the lower) into the weights; with `binary` (the
+default) kept entries are 1. This exports one checkpoint both ways and measures each right after export.
 
     python bench/export_values.py --checkpoint repro_out/sheared/prune/latest-rank0.pt \\
         --source $(composer-shear assets) --data repro_out/data --domains cc,github,book,stackexchange,wiki,arxiv,c4-rp
@@ -28,12 +28,12 @@ def export_both(checkpoint: str, source: str) -> dict:
     from composer_shear.surgery import build_model, prune_to_target
     config = AutoConfig.from_pretrained(source)
     hf_sd, mask_sd = split_model_state(read_checkpoint(checkpoint)[0])
-    with torch.no_grad():
-        snap = masks_from_state(ModelShape.from_config(config), mask_sd).snapshot()
+    masks = masks_from_state(ModelShape.from_config(config), mask_sd)
     models = {}
     for kind in ('soft', 'binary'):
-        if kind == 'binary':
-            snap.z = {k: (v != 0).float() for k, v in snap.z.items()}
+        masks.binary_values.fill_(int(kind == 'binary'))
+        with torch.no_grad():
+            snap = masks.snapshot()
         pruned, new_config = prune_to_target(hf_sd, snap, config, torch.float32)
         models[kind] = build_model(pruned, new_config)
     return models

@@ -21,14 +21,16 @@ from torch import nn
 
 from composer_shear.errors import ConfigError, ShapeError
 from composer_shear.functional import (
+    MULTIPLIER_UPDATES,
     apply_shear_pruning,
+    ascend_multipliers,
     clamp_masks,
     hf_model_of,
     init_masks_from_importance,
     sample_masks,
     set_eval_masks,
 )
-from composer_shear.masks import LOG_ALPHA_MAX, MASKS_ATTR, ShearMasks
+from composer_shear.masks import DEFAULT_MASK_VALUES, LOG_ALPHA_MAX, MASK_VALUES, MASKS_ATTR, ShearMasks
 from composer_shear.shapes import PRUNING_MODULES, ModelShape, validate_pruning_modules
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,10 @@ class ShearPruning(Algorithm):
         eval_target_shape: evaluate with exactly-target masks (else the expected count per row).
         mask_lr_schedule: ``model`` (the paper's: the mask and multiplier learning rates follow the run's
             scheduler, so they are 0 at step 1 under a warm-up) or ``constant`` (``lag_lr`` at every step).
+        multiplier_update: ``adam`` (the paper's: the multipliers are an optimizer group at ``-lag_lr``) or
+            ``ascent`` (plain gradient ascent after each optimizer step, at the masks' learning rate).
+        mask_values: the value kept entries take in deterministic masks, at evaluation and in the export:
+            ``binary`` (1; the default, measured better right after export) or ``soft`` (the paper's).
         init: ``from``: ``constant`` (the paper's: every log alpha at ``log_alpha``, default ln 100, plus
             Gaussian ``noise`` of that std, default 0, drawn with ``seed``, identical on every rank) or
             ``activations`` (at the first step, the one-shot activation ranking of its global batch, all ranks'
@@ -76,7 +82,8 @@ class ShearPruning(Algorithm):
     def __init__(self, target: Mapping[str, Any] | str | None = None,
                  pruning_modules: Sequence[str] = PRUNING_MODULES, lag_lr: float = 1.0,
                  lagrangian_warmup: str = '0.2dur', eval_target_shape: bool = False,
-                 init: Mapping[str, Any] | None = None, mask_lr_schedule: str = 'model') -> None:
+                 init: Mapping[str, Any] | None = None, mask_lr_schedule: str = 'model',
+                 mask_values: str = DEFAULT_MASK_VALUES, multiplier_update: str = 'adam') -> None:
         if target is None:
             raise ConfigError('shear_pruning.target is required (HF config fields or preset: 1.3b|2.7b|370m)')
         self.target = dict(target) if isinstance(target, Mapping) else target
@@ -106,6 +113,14 @@ class ShearPruning(Algorithm):
             raise ConfigError(f'shear_pruning.mask_lr_schedule must be one of {", ".join(MASK_LR_SCHEDULES)}, '
                               f'got {mask_lr_schedule!r}')
         self.mask_lr_schedule = mask_lr_schedule
+        if mask_values not in MASK_VALUES:
+            raise ConfigError(f'shear_pruning.mask_values must be one of {", ".join(MASK_VALUES)}, '
+                              f'got {mask_values!r}')
+        self.mask_values = mask_values
+        if multiplier_update not in MULTIPLIER_UPDATES:
+            raise ConfigError(f'shear_pruning.multiplier_update must be one of {", ".join(MULTIPLIER_UPDATES)}, '
+                              f'got {multiplier_update!r}')
+        self.multiplier_update = multiplier_update
         self.source: ModelShape | None = None
         self.target_shape: ModelShape | None = None
         self.stats: dict[str, torch.Tensor] = {}
@@ -115,11 +130,12 @@ class ShearPruning(Algorithm):
     def __repr__(self) -> str:
         return (f'ShearPruning(target={self.target!r}, pruning_modules={list(self.pruning_modules)}, '
                 f'lag_lr={self.lag_lr}, lagrangian_warmup={self.warmup}, init={self.init}, '
-                f'mask_lr_schedule={self.mask_lr_schedule!r})')
+                f'mask_lr_schedule={self.mask_lr_schedule!r}, mask_values={self.mask_values!r}, '
+                f'multiplier_update={self.multiplier_update!r})')
 
     def match(self, event: Event, state: State) -> bool:
         return event in (Event.INIT, Event.BATCH_START, Event.BEFORE_FORWARD, Event.AFTER_LOSS, Event.EVAL_START,
-                         Event.BATCH_END)
+                         Event.AFTER_TRAIN_BATCH, Event.BATCH_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
@@ -135,6 +151,9 @@ class ShearPruning(Algorithm):
             self._microbatch += 1
         elif event == Event.AFTER_LOSS:
             self._add_lagrangian(state)
+        elif event == Event.AFTER_TRAIN_BATCH:
+            if self.multiplier_update == 'ascent':
+                ascend_multipliers(self.masks(state), self._mask_lr(state))
         elif event == Event.EVAL_START:
             set_eval_masks(self.masks(state), exact_target=self.eval_target_shape)
         elif event == Event.BATCH_END:
@@ -181,6 +200,15 @@ class ShearPruning(Algorithm):
         log.info('shear_pruning: masks initialised from the activations of %d sequences per rank; expected '
                  'sparsity %s', batch['input_ids'].shape[0], {k: round(v, 4) for k, v in sparsity.items()})
 
+    def _mask_lr(self, state: State) -> float:
+        """The learning rate the mask logits stepped with in this batch (lag_lr times the schedule, or lag_lr)."""
+        ids = {id(p) for p in self.masks(state).log_alpha.values()}
+        for opt in state.optimizers:
+            for group in opt.param_groups:
+                if any(id(p) in ids for p in group['params']):
+                    return abs(float(group['lr']))
+        return 0.0  # no optimizer: nothing is trained
+
     def _constant_mask_lr(self, state: State) -> None:
         """Undo the scheduler for the mask and multiplier groups: this step runs them at +-lag_lr (the scheduler
         recomputes every group's rate from its initial one, so this does not compound)."""
@@ -204,7 +232,8 @@ class ShearPruning(Algorithm):
     def _attach(self, state: State) -> None:
         masks = apply_shear_pruning(unwrap(state.model), self.target, self.pruning_modules, state.optimizers,
                                     lag_lr=self.lag_lr, init_log_alpha=self.init['log_alpha'],
-                                    init_noise=self.init['noise'], seed=self.init['seed'])
+                                    init_noise=self.init['noise'], seed=self.init['seed'],
+                                    mask_values=self.mask_values, multiplier_update=self.multiplier_update)
         self.source, self.target_shape = masks.source, masks.target
         fsdp = getattr(state, 'fsdp_config', None)
         if getattr(fsdp, 'activation_checkpointing', False) and getattr(fsdp, 'activation_checkpointing_reentrant',

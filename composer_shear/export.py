@@ -37,6 +37,7 @@ def save_masks(path: str | os.PathLike, snap: MaskSnapshot) -> None:
     tensors |= {f'z.{k}': v for k, v in snap.z.items()}
     tensors['lambdas'] = snap.lambdas
     tensors['target_shape'] = target_buffer(snap.target)
+    tensors['binary_values'] = torch.tensor(int(snap.binary))
     meta = {'format': 'pt', 'source': json.dumps(snap.source.to_dict()), 'target': json.dumps(snap.target.to_dict())}
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
@@ -58,6 +59,8 @@ def masks_from_state(source: ModelShape, mask_sd: dict) -> ShearMasks:
         mask_sd = {k: v for k, v in mask_sd.items() if not k.startswith('log_alpha.')
                    or k.split('.', 1)[1] in kept}
         mask_sd['lambdas'] = mask_sd['lambdas'][[order.index(n) for n in kept]]
+    if 'binary_values' not in mask_sd:  # written before the choice existed: soft values, as then
+        mask_sd = {**mask_sd, 'binary_values': torch.tensor(0)}
     masks.load_state_dict(mask_sd, strict=True)
     return masks
 
@@ -71,7 +74,8 @@ def load_masks_file(path: str | os.PathLike) -> ShearMasks:
     source = ModelShape(**json.loads(meta['source']))
     tensors = load_file(str(path))
     return masks_from_state(source, {k: v for k, v in tensors.items() if k.startswith(('log_alpha.', 'lambdas',
-                                                                                          'target_shape'))})
+                                                                                          'target_shape',
+                                                                                          'binary_values'))})
 
 
 # reading Composer checkpoints --------------------------------------------------------------------------

@@ -26,17 +26,26 @@ from torch import nn
 from composer_shear.data.weights import update_domain_weights
 from composer_shear.errors import ConfigError, ShapeError
 from composer_shear.hooks import MaskedForward
-from composer_shear.masks import LOG_ALPHA_MAX, MASKS_ATTR, ShearMasks, expected_score, selection_log_alpha
+from composer_shear.masks import (
+    DEFAULT_MASK_VALUES,
+    LOG_ALPHA_MAX,
+    MASK_VALUES,
+    MASKS_ATTR,
+    ShearMasks,
+    expected_score,
+    selection_log_alpha,
+)
 from composer_shear.oneshot import oneshot_masks, prune_oneshot
 from composer_shear.shapes import PRUNING_MODULES, STRUCTURE_MODULES, ModelShape, validate_pruning_modules
 from composer_shear.surgery import build_model, prune_to_target
 
 log = logging.getLogger(__name__)
 
-__all__ = ['apply_shear_pruning', 'clamp_masks', 'hf_model_of', 'init_masks_from_importance', 'prune_model',
-           'prune_oneshot', 'sample_masks', 'set_eval_masks', 'update_domain_weights']
+__all__ = ['apply_shear_pruning', 'ascend_multipliers', 'clamp_masks', 'hf_model_of', 'init_masks_from_importance',
+           'prune_model', 'prune_oneshot', 'sample_masks', 'set_eval_masks', 'update_domain_weights']
 
 Target = Mapping[str, Any] | str
+MULTIPLIER_UPDATES = ('adam', 'ascent')
 
 
 def hf_model_of(model: nn.Module) -> nn.Module:
@@ -56,14 +65,16 @@ def hf_model_of(model: nn.Module) -> nn.Module:
 def apply_shear_pruning(model: nn.Module, target: Target, pruning_modules: Sequence[str] = PRUNING_MODULES,
                         optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
                         lag_lr: float = 1.0, init_log_alpha: float = LOG_ALPHA_MAX, init_noise: float = 0.0,
-                        seed: int = 0) -> ShearMasks:
+                        seed: int = 0, mask_values: str = DEFAULT_MASK_VALUES,
+                        multiplier_update: str = 'adam') -> ShearMasks:
     """Attach hard-concrete masks and their Lagrange multipliers to a LLaMA-family model.
 
     Creates a :class:`ShearMasks` for the exact `target` shape (validated against the model before anything
     changes), installs forward hooks that apply the current masks (``masks.hooks``; no mask is applied until
     :func:`sample_masks` or :func:`set_eval_masks` installs one), and, with `optimizers`, adds two parameter
     groups to the first: the mask logits at ``+lag_lr`` and the multipliers at ``-lag_lr`` (gradient ascent),
-    both without weight decay.
+    both without weight decay (with ``multiplier_update='ascent'`` the multipliers get no group: call
+    :func:`ascend_multipliers` after each optimizer step).
 
     Args:
         model: a Hugging Face LLaMA-family causal LM, or a ComposerModel wrapping one (``.model``). A
@@ -77,6 +88,11 @@ def apply_shear_pruning(model: nn.Module, target: Target, pruning_modules: Seque
         init_log_alpha: initial mask logit (the reference's effective value, ln 100, keeps everything).
         init_noise: standard deviation of Gaussian noise added to the initial logits.
         seed: seed of that noise (the same on every rank).
+        mask_values: the value kept entries take in deterministic masks (evaluation and export): ``binary``
+            (1) or ``soft`` (sigmoid(0.8 log alpha / beta), the paper's). Stored with the masks.
+        multiplier_update: ``adam`` (the paper's: the multipliers are a group of the optimizer at ``-lag_lr``, so
+            each moves by about the learning rate per step whatever its gradient) or ``ascent`` (plain gradient
+            ascent, lambda += lr * dL/dlambda, by :func:`ascend_multipliers`).
 
     Returns:
         The mask module, on the model's device.
@@ -91,6 +107,11 @@ def apply_shear_pruning(model: nn.Module, target: Target, pruning_modules: Seque
     """
     if isinstance(lag_lr, bool) or not isinstance(lag_lr, (int, float)) or lag_lr <= 0:
         raise ConfigError(f'lag_lr must be a positive number, got {lag_lr!r}')
+    if mask_values not in MASK_VALUES:
+        raise ConfigError(f'mask_values must be one of {", ".join(MASK_VALUES)}, got {mask_values!r}')
+    if multiplier_update not in MULTIPLIER_UPDATES:
+        raise ConfigError(f'multiplier_update must be one of {", ".join(MULTIPLIER_UPDATES)}, '
+                          f'got {multiplier_update!r}')
     hf = hf_model_of(model)
     source = ModelShape.from_config(hf.config)
     modules = validate_pruning_modules(pruning_modules)
@@ -102,7 +123,7 @@ def apply_shear_pruning(model: nn.Module, target: Target, pruning_modules: Seque
     if device.type == 'meta':
         device = torch.device('cpu')
     masks = ShearMasks(source, target_shape, modules, init_log_alpha=init_log_alpha, init_noise=init_noise,
-                       seed=seed).to(device)
+                       seed=seed, values=mask_values).to(device)
     masks.hooks = MaskedForward(hf, source)
     if owner is not None:
         setattr(owner, MASKS_ATTR, masks)
@@ -113,7 +134,8 @@ def apply_shear_pruning(model: nn.Module, target: Target, pruning_modules: Seque
         lr = float(lag_lr)
         opt.add_param_group({'params': list(masks.log_alpha.values()), 'lr': lr, 'initial_lr': lr,
                              'weight_decay': 0.0})
-        opt.add_param_group({'params': [masks.lambdas], 'lr': -lr, 'initial_lr': -lr, 'weight_decay': 0.0})
+        if multiplier_update == 'adam':
+            opt.add_param_group({'params': [masks.lambdas], 'lr': -lr, 'initial_lr': -lr, 'weight_decay': 0.0})
     log.info('shear pruning: %s -> %s (%d -> %d params), masks %s', source.target_dict(),
              target_shape.target_dict(), source.num_params(), target_shape.num_params(),
              [s.name for s in masks.structures])
@@ -189,6 +211,22 @@ def init_masks_from_importance(masks: ShearMasks, scores: Mapping[str, torch.Ten
         param.copy_(value)
         sparsity[s.name] = float(1 - expected_score(log_alpha).sum(-1).mean() / s.size)
     return sparsity
+
+
+@torch.no_grad()
+def ascend_multipliers(masks: nn.Module, lr: float) -> None:
+    """One plain gradient-ascent step of the Lagrange multipliers, lambda += lr * dL/dlambda, and their gradient
+    cleared (for ``multiplier_update='ascent'``, after each optimizer step; a no-op before the first backward).
+    The step is proportional to the constraint gap, so the multipliers settle where the gap closes instead of
+    moving by the learning rate at every step as Adam's normalised steps do.
+
+    Example:
+        >>> opt.step(); ascend_multipliers(masks, lr=1.0); clamp_masks(masks)
+    """
+    lambdas = masks.lambdas
+    if lambdas.grad is not None:
+        lambdas.add_(lambdas.grad, alpha=float(lr))
+        lambdas.grad = None
 
 
 @torch.no_grad()

@@ -21,6 +21,9 @@ EPS = 1e-6
 LOG_ALPHA_MAX = math.log(100.0)
 SHARPEN = 0.8
 MASKS_ATTR = 'shear_masks'  # the mask module's name on a ComposerModel
+# the value kept entries of deterministic (eval, export) masks take: 1, or their soft value (the paper's)
+MASK_VALUES = ('binary', 'soft')
+DEFAULT_MASK_VALUES = 'binary'
 # log(-gamma / zeta): the expected score is sigmoid(log_alpha - BETA * this)
 _LOG_RATIO = math.log(-GAMMA / ZETA)
 
@@ -72,16 +75,17 @@ def expected_keep(log_alpha: torch.Tensor) -> torch.Tensor:
     return (n - zeros).long().clamp(0, n)
 
 
-def deterministic(log_alpha: torch.Tensor, keep: int | torch.Tensor) -> torch.Tensor:
+def deterministic(log_alpha: torch.Tensor, keep: int | torch.Tensor, binary: bool = False) -> torch.Tensor:
     """Keep exactly `keep` entries per row (an int or a tensor over rows): the largest log-alpha,
-    ties broken by lower index; kept entries hold their soft value, the rest are 0."""
+    ties broken by lower index; kept entries hold 1 (`binary`) or their soft value, the rest are 0."""
     order = torch.sort(log_alpha.detach(), dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
     keep = torch.as_tensor(keep, device=log_alpha.device)
     if keep.dim() < rank.dim():
         keep = keep.unsqueeze(-1)
-    return torch.where(rank < keep, soft_value(log_alpha), torch.zeros_like(log_alpha))
+    value = torch.ones_like(log_alpha) if binary else soft_value(log_alpha)
+    return torch.where(rank < keep, value, torch.zeros_like(log_alpha))
 
 
 @dataclass(frozen=True)
@@ -149,7 +153,8 @@ class ShearMasks(nn.Module):
     """
 
     def __init__(self, source: ModelShape, target: ModelShape, modules: Iterable[str],
-                 init_log_alpha: float = LOG_ALPHA_MAX, init_noise: float = 0.0, seed: int = 0) -> None:
+                 init_log_alpha: float = LOG_ALPHA_MAX, init_noise: float = 0.0, seed: int = 0,
+                 values: str = DEFAULT_MASK_VALUES) -> None:
         super().__init__()
         self.source, self.target = source, target
         self.structures = structures_for(source, target, modules)
@@ -163,6 +168,16 @@ class ShearMasks(nn.Module):
         # lambdas[i] = (lambda_1, lambda_2) of structure i
         self.lambdas = nn.Parameter(torch.zeros(len(self.structures), 2))
         self.register_buffer('target_shape', target_buffer(target))
+        if values not in MASK_VALUES:
+            raise ValueError(f'mask values must be one of {", ".join(MASK_VALUES)}, got {values!r}')
+        # 1: kept entries of deterministic masks are 1; 0: their soft value. A buffer, so that export folds what
+        # the run evaluated with.
+        self.register_buffer('binary_values', torch.tensor(int(values == 'binary')))
+
+    @property
+    def binary(self) -> bool:
+        """Whether deterministic masks keep entries at 1 (else at their soft value)."""
+        return bool(self.binary_values.item())
 
     def snapshot(self) -> MaskSnapshot:
         """Full (unsharded), detached CPU copies of everything, with the exact-target masks."""
@@ -180,13 +195,14 @@ class ShearMasks(nn.Module):
             cpu = lambda t: t.detach().float().cpu().clone()  # noqa: E731  (a copy: FSDP frees unsharded params)
             return MaskSnapshot(
                 self.source, self.target, {k: cpu(v) for k, v in log_alpha.items()}, cpu(self.lambdas),
-                {s.name: cpu(deterministic(log_alpha[s.name], s.target)) for s in self.structures})
+                {s.name: cpu(deterministic(log_alpha[s.name], s.target, self.binary)) for s in self.structures},
+                self.binary)
         if mode == 'sample':
             z = {k: sample(v, generator) for k, v in log_alpha.items()}
         elif mode == 'expected':
-            z = {k: deterministic(v, expected_keep(v)) for k, v in log_alpha.items()}
+            z = {k: deterministic(v, expected_keep(v), self.binary) for k, v in log_alpha.items()}
         elif mode == 'target':
-            z = {s.name: deterministic(log_alpha[s.name], s.target) for s in self.structures}
+            z = {s.name: deterministic(log_alpha[s.name], s.target, self.binary) for s in self.structures}
         else:
             raise ValueError(f'unknown mask mode {mode!r}')
         if progress is None:
@@ -216,6 +232,7 @@ class MaskSnapshot:
     log_alpha: dict = field(default_factory=dict)
     lambdas: torch.Tensor | None = None
     z: dict = field(default_factory=dict)  # exact-target deterministic masks
+    binary: bool = False  # kept entries of z are 1 (else their soft value)
 
 
 def target_buffer(target: ModelShape) -> torch.Tensor:

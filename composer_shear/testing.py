@@ -110,7 +110,7 @@ def tiny_model(config: LlamaConfig | Qwen2Config, attn: str = 'eager', seed: int
 
 
 def random_masks(config: LlamaConfig | Qwen2Config, target: Mapping[str, int] | str, modules: Sequence[str],
-                 seed: int = 0, low: float = -3.0, high: float = 3.0) -> ShearMasks:
+                 seed: int = 0, low: float = -3.0, high: float = 3.0, values: str = 'binary') -> ShearMasks:
     """Pruning masks for `config` with every ``log_alpha`` drawn from U(low, high).
 
     Args:
@@ -121,12 +121,13 @@ def random_masks(config: LlamaConfig | Qwen2Config, target: Mapping[str, int] | 
         seed: The seed of the generator that draws ``log_alpha``.
         low: The lower bound of the uniform draw.
         high: The upper bound of the uniform draw.
+        values: ``binary`` or ``soft`` kept values in deterministic masks.
 
     Returns:
         The masks (a ``ShearMasks`` module).
     """
     source = ModelShape.from_config(config)
-    masks = ShearMasks(source, source.resolve_target(target, modules), modules)
+    masks = ShearMasks(source, source.resolve_target(target, modules), modules, values=values)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in masks.log_alpha.values():

@@ -25,11 +25,11 @@ MODULE_FIELDS = {'layer': ['num_hidden_layers'], 'hidden': ['hidden_size'],
                  'head': ['num_attention_heads', 'num_key_value_heads'], 'intermediate': ['intermediate_size']}
 
 
-def check(tmp_path, kind, tied, modules, attn='eager', low=-3.0, high=3.0, seed=0):
+def check(tmp_path, kind, tied, modules, attn='eager', low=-3.0, high=3.0, seed=0, values='binary'):
     config = llama_config(kind, tied=tied)
     model = tiny_model(config, attn=attn, seed=seed)
     target = {f: v for m in modules for f, v in TARGETS[kind].items() if f in MODULE_FIELDS[m]}
-    masks = random_masks(config, target, modules, seed=seed, low=low, high=high)
+    masks = random_masks(config, target, modules, seed=seed, low=low, high=high, values=values)
     snap = masks.snapshot()
     hooks = MaskedForward(model, masks.source)
     hooks.set(snap.z)
@@ -68,11 +68,33 @@ def test_attention_implementations(tmp_path, kind, attn):
     check(tmp_path, kind, False, ALL, attn=attn, seed=3)
 
 
-def test_soft_values_are_folded(tmp_path):
-    """log alpha near 0: kept entries hold soft values around 0.5, which the export folds into weights."""
-    out = check(tmp_path, 'gqa', True, ALL, low=-0.5, high=0.5, seed=5)
+@pytest.mark.parametrize('kind', ['mha', 'gqa'])
+def test_soft_values_are_folded(tmp_path, kind):
+    """mask_values soft (the paper's), log alpha near 0: kept entries hold soft values around 0.5, which the export
+    folds into the weights; masked == exported holds as with binary values."""
+    out = check(tmp_path, kind, True, ALL, low=-0.5, high=0.5, seed=5, values='soft')
     report = json.loads((out / 'shape_report.json').read_text())
     assert report['exported']['num_hidden_layers'] == 3
+
+
+def test_mask_values_travel_with_the_masks(tmp_path):
+    """The values choice is stored with the masks: in the state dict, in the exported masks.safetensors (and read
+    back), and a checkpoint written before the choice existed reads as soft (what it was made with)."""
+    from composer_shear.export import load_masks_file, masks_from_state
+    config = llama_config('gqa')
+    model = tiny_model(config)
+    for values in ('binary', 'soft'):
+        masks = random_masks(config, TARGETS['gqa'], ALL, values=values)
+        assert masks.binary == (values == 'binary')
+        export_pruned(model.state_dict(), masks.state_dict(), config, tmp_path / values)
+        back = load_masks_file(tmp_path / values / 'masks.safetensors')
+        assert back.binary == masks.binary
+        kept = [v[v != 0] for v in back.snapshot().z.values()]
+        assert all((k == 1).all() for k in kept) == (values == 'binary')
+    old = {k: v for k, v in masks.state_dict().items() if k != 'binary_values'}
+    assert not masks_from_state(masks.source, old).binary
+    with pytest.raises(ValueError, match='mask values must be one of binary, soft'):
+        random_masks(config, TARGETS['gqa'], ALL, values='hard')
 
 
 def test_removed_layer_and_renumbering(tmp_path):
@@ -88,13 +110,13 @@ def test_init_masks_export_to_target(tmp_path):
     """At init (all log alpha equal) ties are broken by index: the export keeps the first entries."""
     config = llama_config('gqa')
     model = tiny_model(config)
-    masks = random_masks(config, TARGETS['gqa'], ALL, low=LOG_ALPHA_MAX, high=LOG_ALPHA_MAX)
-    export_pruned(model.state_dict(), masks.state_dict(), config, tmp_path / 'e')
-    small = AutoModelForCausalLM.from_pretrained(tmp_path / 'e')
-    assert small.config.num_hidden_layers == 3
-    scale = torch.sigmoid(torch.tensor(1.2 * LOG_ALPHA_MAX)).item()
-    torch.testing.assert_close(small.model.embed_tokens.weight,
-                               model.model.embed_tokens.weight[:, :40] * scale)
+    for values, scale in (('binary', 1.0), ('soft', torch.sigmoid(torch.tensor(1.2 * LOG_ALPHA_MAX)).item())):
+        masks = random_masks(config, TARGETS['gqa'], ALL, low=LOG_ALPHA_MAX, high=LOG_ALPHA_MAX, values=values)
+        export_pruned(model.state_dict(), masks.state_dict(), config, tmp_path / values)
+        small = AutoModelForCausalLM.from_pretrained(tmp_path / values)
+        assert small.config.num_hidden_layers == 3
+        torch.testing.assert_close(small.model.embed_tokens.weight,
+                                   model.model.embed_tokens.weight[:, :40] * scale)
 
 
 def test_export_warns_when_it_keeps_structures_the_masks_gave_up_on(tmp_path, caplog):

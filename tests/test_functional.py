@@ -127,8 +127,8 @@ def test_public_api():
         if inspect.isfunction(obj) or inspect.isclass(obj):
             assert obj.__doc__, name
     # every public function has an Example and full type hints
-    for name in ('apply_shear_pruning', 'sample_masks', 'set_eval_masks', 'clamp_masks', 'prune_model',
-                 'prune_oneshot', 'update_domain_weights'):
+    for name in ('apply_shear_pruning', 'sample_masks', 'set_eval_masks', 'clamp_masks', 'ascend_multipliers',
+                 'prune_model', 'prune_oneshot', 'update_domain_weights', 'init_masks_from_importance'):
         fn = getattr(composer_shear, name)
         assert 'Example:' in fn.__doc__, name
         sig = inspect.signature(fn)

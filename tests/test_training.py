@@ -131,6 +131,10 @@ def test_bad_algorithm_keys():
         ShearPruning(target={'preset': '1.3b'}, init={'temperature': 1})
     with pytest.raises(ConfigError, match='init.from must be one of constant, activations'):
         ShearPruning(target={'preset': '1.3b'}, init={'from': 'weights'})
+    with pytest.raises(ConfigError, match='multiplier_update must be one of adam, ascent'):
+        ShearPruning(target={'preset': '1.3b'}, multiplier_update='sgd')
+    with pytest.raises(ConfigError, match='mask_values must be one of binary, soft'):
+        ShearPruning(target={'preset': '1.3b'}, mask_values='hard')
     with pytest.raises(ConfigError, match='mask_lr_schedule must be one of model, constant'):
         ShearPruning(target={'preset': '1.3b'}, mask_lr_schedule='cosine')
     with pytest.raises(TypeError, match='target_sparsity'):
@@ -189,3 +193,27 @@ def test_mask_lr_schedule(tmp_path, schedule):
     for f, lrs in zip(factors, rates.seen[::2], strict=True):
         scale = f if schedule == 'model' else 1.0
         assert lrs[1:] == pytest.approx([0.5 * scale, -0.5 * scale], rel=1e-12)
+
+
+@pytest.mark.parametrize('update', ['adam', 'ascent'])
+def test_multiplier_update(tmp_path, update):
+    """After one step from lambda = 0 at the full target (no warm-up, constant learning rates): plain ascent moves
+    lambda_1 by lag_lr times the constraint gap (mean over rows of expected minus target sparsity, as logged) and
+    lambda_2 of a one-row structure by lag_lr times the gap squared (rel 1e-5); Adam moves every multiplier by about
+    lag_lr whatever the gap. Ascent keeps the multipliers out of the optimizer."""
+    algo, snap = run(tmp_path, steps=1, lag_lr=0.5, warmup='0ba', schedule=None, save_interval='1ba',
+                     eval_interval='1ba', multiplier_update=update)
+    names = list(snap.log_alpha)  # the structures, in the multipliers' row order
+    ckpt = torch.load(tmp_path / 'ckpt' / 'latest-rank0.pt', map_location='cpu', weights_only=False)
+    groups = ckpt['state']['optimizers']['DecoupledAdamW']['param_groups']
+    assert [g['initial_lr'] for g in groups] == ([1e-3, 0.5, -0.5] if update == 'adam' else [1e-3, 0.5])
+    for i, name in enumerate(names):
+        gap = float(algo.stats[f'expected_sparsity/{name}']) - float(algo.stats[f'target_sparsity/{name}'])
+        assert gap < -0.05, name  # everything is kept at step 1: far below the target
+        lam1, lam2 = snap.lambdas[i].tolist()
+        if update == 'ascent':
+            assert lam1 == pytest.approx(0.5 * gap, rel=1e-5), name
+            if name in ('layer', 'hidden'):  # one row: the mean of gap^2 is gap^2
+                assert lam2 == pytest.approx(0.5 * gap * gap, rel=1e-5), name
+        else:
+            assert lam1 == pytest.approx(-0.5, rel=1e-3) and lam2 == pytest.approx(0.5, rel=1e-3), name

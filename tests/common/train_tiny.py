@@ -43,7 +43,8 @@ class LossLog(Callback):
 
 def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_interval='40ba', autoresume=False,
         model_dir=None, load_path=None, batch=4, target=None, modules=None, eval_interval='40ba', schedule='cosine',
-        loggers=(), sleep=0.0, prune=True, distill=None, distill_first=False, mask_lr_schedule='model', callbacks=()):
+        loggers=(), sleep=0.0, prune=True, distill=None, distill_first=False, mask_lr_schedule='model', callbacks=(),
+        multiplier_update='adam'):
     out = Path(out)
     dist.initialize_dist(DeviceCPU())
     if model_dir is None:
@@ -56,7 +57,7 @@ def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_i
                                attn_implementation='sdpa', use_train_metrics=False)
     opt = DecoupledAdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     algo = ShearPruning(target=target or TARGET, lag_lr=lag_lr, lagrangian_warmup=warmup, init=init,
-                        mask_lr_schedule=mask_lr_schedule,
+                        mask_lr_schedule=mask_lr_schedule, multiplier_update=multiplier_update,
                         **({'pruning_modules': modules} if modules else {})) if prune else None
     algorithms = [algo] if prune else []
     teacher = ShearDistill(**distill) if distill is not None else None
