@@ -80,10 +80,13 @@ def test_sigkill_and_autoresume_is_bit_exact(tmp_path):
     cmd = [str(composer), '-n', '2', *MODULE, str(tmp_path / 'killed'), *args]
     proc = subprocess.Popen([*cmd, 'sleep=0.5'], start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, cwd=ROOT)
-    deadline = time.time() + 300
-    while not (tmp_path / 'killed' / 'ckpt' / 'ep0-ba6-rank0.pt').exists():
+    deadline = time.time() + 600
+    latest = tmp_path / 'killed' / 'ckpt' / 'latest-rank0.pt'
+    # kill once the ba6 checkpoint is complete (Composer moves the `latest` link after writing it): a checkpoint
+    # killed half-written is left as a partial file that Composer refuses to overwrite on autoresume
+    while not (latest.is_symlink() and os.readlink(latest) == 'ep0-ba6-rank0.pt'):
         assert proc.poll() is None and time.time() < deadline, 'the run ended before it could be killed'
-        time.sleep(0.2)
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / 'killed' / 'masks-rank0.pt').exists()  # it really died mid-run
