@@ -10,7 +10,7 @@ logits clamped at ``BATCH_END``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -200,23 +200,22 @@ class ShearPruning(Algorithm):
         log.info('shear_pruning: masks initialised from the activations of %d sequences per rank; expected '
                  'sparsity %s', batch['input_ids'].shape[0], {k: round(v, 4) for k, v in sparsity.items()})
 
+    @staticmethod
+    def _groups_of(state: State, params: Iterable[torch.Tensor]) -> list[dict[str, Any]]:
+        """The optimizer param groups holding any of `params`."""
+        ids = {id(p) for p in params}
+        return [g for opt in state.optimizers for g in opt.param_groups if any(id(p) in ids for p in g['params'])]
+
     def _mask_lr(self, state: State) -> float:
         """The learning rate the mask logits stepped with in this batch (lag_lr times the schedule, or lag_lr)."""
-        ids = {id(p) for p in self.masks(state).log_alpha.values()}
-        for opt in state.optimizers:
-            for group in opt.param_groups:
-                if any(id(p) in ids for p in group['params']):
-                    return abs(float(group['lr']))
-        return 0.0  # no optimizer: nothing is trained
+        groups = self._groups_of(state, self.masks(state).log_alpha.values())
+        return abs(float(groups[0]['lr'])) if groups else 0.0  # no optimizer: nothing is trained
 
     def _constant_mask_lr(self, state: State) -> None:
         """Undo the scheduler for the mask and multiplier groups: this step runs them at +-lag_lr (the scheduler
         recomputes every group's rate from its initial one, so this does not compound)."""
-        ids = {id(p) for p in self.masks(state).parameters()}
-        for opt in state.optimizers:
-            for group in opt.param_groups:
-                if any(id(p) in ids for p in group['params']):
-                    group['lr'] = group['initial_lr']
+        for group in self._groups_of(state, self.masks(state).parameters()):
+            group['lr'] = group['initial_lr']
 
     def progress(self, state: State) -> float:
         """Fraction of the Lagrangian warm-up done (1 when the masks start at the target)."""

@@ -53,9 +53,8 @@ def masks_from_state(source: ModelShape, mask_sd: dict) -> ShearMasks:
         raise ExportError(f'unknown mask structures {unknown} (known: {list(STRUCTURE_MODULES)})')
     target = target_from_buffer(source, mask_sd['target_shape'])
     masks = ShearMasks(source, target, {STRUCTURE_MODULES[n] for n in names})
-    kept = [s.name for s in masks.structures]
-    if kept != [n for n in STRUCTURE_MODULES if n in names]:  # a checkpoint from before full-target structures
-        order = [n for n in STRUCTURE_MODULES if n in names]  # lost their mask: drop those (nothing to choose)
+    kept, order = [s.name for s in masks.structures], [n for n in STRUCTURE_MODULES if n in names]
+    if kept != order:  # a checkpoint from before full-target structures lost their mask: drop those
         mask_sd = {k: v for k, v in mask_sd.items() if not k.startswith('log_alpha.')
                    or k.split('.', 1)[1] in kept}
         mask_sd['lambdas'] = mask_sd['lambdas'][[order.index(n) for n in kept]]

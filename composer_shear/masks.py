@@ -191,18 +191,18 @@ class ShearMasks(nn.Module):
         (the Lagrangian warm-up), also returns the Lagrangian and detached statistics. `generator` drives the
         sampling noise."""
         log_alpha = {s.name: self.log_alpha[s.name].float() for s in self.structures}
+        binary = mode != 'sample' and self.binary
         if mode == 'snapshot':
             cpu = lambda t: t.detach().float().cpu().clone()  # noqa: E731  (a copy: FSDP frees unsharded params)
             return MaskSnapshot(
                 self.source, self.target, {k: cpu(v) for k, v in log_alpha.items()}, cpu(self.lambdas),
-                {s.name: cpu(deterministic(log_alpha[s.name], s.target, self.binary)) for s in self.structures},
-                self.binary)
+                {s.name: cpu(deterministic(log_alpha[s.name], s.target, binary)) for s in self.structures}, binary)
         if mode == 'sample':
             z = {k: sample(v, generator) for k, v in log_alpha.items()}
         elif mode == 'expected':
-            z = {k: deterministic(v, expected_keep(v), self.binary) for k, v in log_alpha.items()}
+            z = {k: deterministic(v, expected_keep(v), binary) for k, v in log_alpha.items()}
         elif mode == 'target':
-            z = {s.name: deterministic(log_alpha[s.name], s.target, self.binary) for s in self.structures}
+            z = {s.name: deterministic(log_alpha[s.name], s.target, binary) for s in self.structures}
         else:
             raise ValueError(f'unknown mask mode {mode!r}')
         if progress is None:

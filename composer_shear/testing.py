@@ -34,7 +34,7 @@ from composer.utils import dist
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config
 
-from composer_shear.masks import ShearMasks
+from composer_shear.masks import DEFAULT_MASK_VALUES, ShearMasks
 from composer_shear.shapes import ModelShape
 
 __all__ = [
@@ -110,7 +110,8 @@ def tiny_model(config: LlamaConfig | Qwen2Config, attn: str = 'eager', seed: int
 
 
 def random_masks(config: LlamaConfig | Qwen2Config, target: Mapping[str, int] | str, modules: Sequence[str],
-                 seed: int = 0, low: float = -3.0, high: float = 3.0, values: str = 'binary') -> ShearMasks:
+                 seed: int = 0, low: float = -3.0, high: float = 3.0,
+                 values: str = DEFAULT_MASK_VALUES) -> ShearMasks:
     """Pruning masks for `config` with every ``log_alpha`` drawn from U(low, high).
 
     Args:
