@@ -61,6 +61,7 @@ ARMS = {
 }
 DEFAULT_SEED = 17  # the demo YAMLs' seed
 KD = {'alpha': 1.0, 'temperature': 1.0}  # distillation only, as Minitron retrains (the teacher is the source)
+CALIBRATION_SEQS = 8  # per domain: the one-shot ranking's data; init arms rank on as many training sequences
 
 
 def stage_cfg(stage: str, b: dict, out: Path, model: Path, data: Path, ref: Path, proportions, steps: int,
@@ -131,7 +132,7 @@ def oneshot_model(source: Path, data: Path, out: Path, b: dict, target: dict) ->
     batches = []
     for d in DOMAINS:
         ds = LocalDataset(str(data / 'train' / d))
-        rows = [ds[i]['tokens'][:b['seq']] for i in range(min(8, len(ds)))]
+        rows = [ds[i]['tokens'][:b['seq']] for i in range(min(CALIBRATION_SEQS, len(ds)))]
         batches.append(torch.from_numpy(np.stack(rows).astype(np.int64)))
     pruned = prune_oneshot(model, target, batches)
     with atomic_dir(out, overwrite=True, marker='config.json') as tmp:
@@ -175,7 +176,8 @@ def run_arm(arm: str, seed: int, out: Path, b: dict, source: Path, data: Path, r
               'callbacks': {'dynamic_loading': {'update_type': 'doremi' if spec['dynamic'] else 'constant'}}}
     kd = {'algorithms': {'shear_distill': {**KD, 'teacher': str(source)}}} if spec.get('kd') else {}
     if spec['prune'] == 'learned':
-        pruning = {'target': target, **({'init': {'from': 'activations'}} if spec.get('init') else {})}
+        init = {'from': 'activations', 'batches': max(1, CALIBRATION_SEQS * len(DOMAINS) // b['batch'])}
+        pruning = {'target': target, **({'init': init} if spec.get('init') else {})}
         cfg = stage_cfg('prune', b, folder / 'prune', source, data, ref, RP_MIX, b['prune'],
                         OmegaConf.merge(common, kd, {'algorithms': {'shear_pruning': pruning}}))
         a['stages']['prune'] = run_stage(cfg, folder / 'prune')

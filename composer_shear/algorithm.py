@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ['ShearPruning']
 
-INIT_KEYS = ('from', 'log_alpha', 'noise', 'seed')
+INIT_KEYS = ('from', 'batches', 'log_alpha', 'noise', 'seed')
 INIT_FROM = ('constant', 'activations')
 MASK_LR_SCHEDULES = ('model', 'constant')
 
@@ -68,10 +68,11 @@ class ShearPruning(Algorithm):
             ``binary`` (1; the default, measured better right after export) or ``soft`` (the paper's).
         init: ``from``: ``constant`` (the paper's: every log alpha at ``log_alpha``, default ln 100, plus
             Gaussian ``noise`` of that std, default 0, drawn with ``seed``, identical on every rank) or
-            ``activations`` (at the first step, the one-shot activation ranking of its global batch, all ranks'
-            statistics summed, sets the masks so that they select what ``prune_oneshot`` would and the expected
-            shape is already the target; the target then applies from step 0, without warm-up; a resumed run
-            does not recompute it).
+            ``activations`` (at the first step, the one-shot activation ranking of the run's first ``batches``
+            global batches, default 1, all ranks' statistics summed, sets the masks so that they select what
+            ``prune_oneshot`` would and the expected shape is already the target; the target then applies from step
+            0, without warm-up; a resumed run does not recompute it; ``batches`` above 1 needs the ``dynamic_text``
+            loader, which reads them ahead without consuming them).
 
     Example:
         >>> from composer import Trainer
@@ -104,10 +105,13 @@ class ShearPruning(Algorithm):
         unknown = sorted(set(init) - set(INIT_KEYS))
         if unknown:
             raise ConfigError(f'shear_pruning.init.{unknown[0]} is unknown; valid keys: {", ".join(INIT_KEYS)}')
-        self.init = {'from': 'constant', 'log_alpha': LOG_ALPHA_MAX, 'noise': 0.0, 'seed': 0, **init}
+        self.init = {'from': 'constant', 'batches': 1, 'log_alpha': LOG_ALPHA_MAX, 'noise': 0.0, 'seed': 0, **init}
         if self.init['from'] not in INIT_FROM:
             raise ConfigError(f'shear_pruning.init.from must be one of {", ".join(INIT_FROM)}, '
                               f'got {self.init["from"]!r}')
+        if isinstance(self.init['batches'], bool) or not isinstance(self.init['batches'], int) \
+                or self.init['batches'] < 1:
+            raise ConfigError(f'shear_pruning.init.batches must be a positive integer, got {self.init["batches"]!r}')
         self._initialized = self.init['from'] == 'constant'  # activations: at the first BATCH_START
         if mask_lr_schedule not in MASK_LR_SCHEDULES:
             raise ConfigError(f'shear_pruning.mask_lr_schedule must be one of {", ".join(MASK_LR_SCHEDULES)}, '
@@ -182,9 +186,17 @@ class ShearPruning(Algorithm):
             log.warning('shear_pruning: init.from activations skipped, the run resumes at batch %d',
                         int(state.timestamp.batch))
             return
+        n = self.init['batches']
+        if n == 1:
+            batches = [state.batch['input_ids']]
+        else:  # the run's own first n batches, read ahead without consuming them
+            dataset = getattr(state.dataloader, 'dataset', None)
+            if not hasattr(dataset, 'peek'):
+                raise ConfigError(f'shear_pruning.init.batches: {n} needs the dynamic_text train loader (it reads '
+                                  f'the first batches ahead); with {type(dataset).__name__} use batches: 1')
+            batches = [state.device.tensor_to_device(b['input_ids']) for b in dataset.peek(n)]
         masks = self.masks(state)
         masks.hooks.set(None)
-        batch = state.batch
 
         def forward(ids: torch.Tensor) -> Any:
             with get_precision_context(state.precision, state.precision_config):
@@ -195,10 +207,10 @@ class ShearPruning(Algorithm):
             dist.all_reduce(t)
             return t.cpu()
 
-        scores = importance(hf_model_of(unwrap(state.model)), [batch['input_ids']], forward, reduce)
+        scores = importance(hf_model_of(unwrap(state.model)), batches, forward, reduce)
         sparsity = init_masks_from_importance(masks, scores)
         log.info('shear_pruning: masks initialised from the activations of %d sequences per rank; expected '
-                 'sparsity %s', batch['input_ids'].shape[0], {k: round(v, 4) for k, v in sparsity.items()})
+                 'sparsity %s', sum(len(b) for b in batches), {k: round(v, 4) for k, v in sparsity.items()})
 
     @staticmethod
     def _groups_of(state: State, params: Iterable[torch.Tensor]) -> list[dict[str, Any]]:

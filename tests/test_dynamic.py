@@ -155,6 +155,25 @@ def test_resume_is_exact(data, stop):
     assert got == full
 
 
+def test_peek_is_the_first_batches_and_changes_nothing(data):
+    """peek(n): a rank's first n device batches from the current interval's start, across an interval boundary
+    (planned at the current proportions), the same before and after the loader has started the interval; what the
+    loader then yields is unchanged."""
+    for rank in (0, 1):
+        ref = loader(data, [0.5, 0.3, 0.2], epoch_size=40, rank=rank, world=2)  # 5 batches per rank per interval
+        want = samples(ref) + samples(ref)[:8]
+        dl = loader(data, [0.5, 0.3, 0.2], epoch_size=40, rank=rank, world=2)
+        peeked = dl.dataset.peek(7)
+        assert [b['input_ids'].shape for b in peeked] == [(4, 8)] * 7
+        assert [(int(x[0]), int(x[1])) for b in peeked for x in b['input_ids']] == want
+        assert all(torch.equal(b['input_ids'][:, 0], b['domain']) for b in peeked)
+        assert samples(dl) + samples(dl)[:8] == want  # peeking took nothing from the loader
+        started = loader(data, [0.5, 0.3, 0.2], epoch_size=40, rank=rank, world=2)
+        assert samples(started, batches=2) == want[:8]
+        again = started.dataset.peek(7)  # the interval is planned now: peeking still starts at its beginning
+        assert all(torch.equal(a['input_ids'], b['input_ids']) for a, b in zip(peeked, again, strict=True))
+
+
 def test_bad_input(data, tmp_path):
     with pytest.raises(ValueError, match='non-negative'):
         check_proportions([0.5, -0.1, 0.6], ['a', 'b', 'c'])

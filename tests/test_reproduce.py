@@ -46,6 +46,7 @@ def test_reproduce_tiny_budget(tmp_path):
     cfg = OmegaConf.load(out / 'sheared+init+kd' / 'prune' / 'stage.yaml')
     assert cfg.algorithms.shear_distill.teacher == str(tmp_path / 'model')
     assert cfg.algorithms.shear_pruning.init['from'] == 'activations'
+    assert cfg.algorithms.shear_pruning.init.batches == 14  # 8 x 7 domains: as many sequences as the one-shot arm
     assert cfg.seed == cfg.train_loader.dataset.seed == 17
     for arm in arms:
         cfg = OmegaConf.load(out / arm / 'continue' / 'stage.yaml').get('algorithms') or {}

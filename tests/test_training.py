@@ -131,6 +131,9 @@ def test_bad_algorithm_keys():
         ShearPruning(target={'preset': '1.3b'}, init={'temperature': 1})
     with pytest.raises(ConfigError, match='init.from must be one of constant, activations'):
         ShearPruning(target={'preset': '1.3b'}, init={'from': 'weights'})
+    for bad in (0, 2.5, True):
+        with pytest.raises(ConfigError, match=f'init.batches must be a positive integer, got {bad!r}'):
+            ShearPruning(target={'preset': '1.3b'}, init={'from': 'activations', 'batches': bad})
     with pytest.raises(ConfigError, match='multiplier_update must be one of adam, ascent'):
         ShearPruning(target={'preset': '1.3b'}, multiplier_update='sgd')
     with pytest.raises(ConfigError, match='mask_values must be one of binary, soft'):
@@ -170,6 +173,34 @@ def test_init_from_activations_starts_at_the_oneshot_selection_of_the_first_batc
         assert abs(float(algo.stats[f'expected_sparsity/{s.name}']) - s.target_sparsity) < tol, s.name
         assert float(algo.stats[f'target_sparsity/{s.name}']) == pytest.approx(s.target_sparsity)
     assert not torch.equal(want['intermediate'], want['intermediate'][[1, 0]])  # the layers' selections differ
+
+
+def test_init_from_the_first_batches_of_the_dynamic_loader(tmp_path):
+    """init.batches 3 with dynamic_text: the masks are the one-shot selection of the run's first 3 batches (read
+    ahead by the loader's peek); with a loader that cannot read ahead, the key is named before any step."""
+    from composer_shear.data.dynamic import build_dynamic_text_dataloader
+    from composer_shear.masks import structures_for
+    from composer_shear.oneshot import importance, oneshot_masks
+    from composer_shear.shapes import ModelShape
+    from composer_shear.testing import write_domains
+    data = write_domains(tmp_path / 'mds', {'a': 60, 'b': 40}, seq=32)  # token ids < 60: inside the vocabulary
+
+    def dynamic():
+        return build_dynamic_text_dataloader(None, 4, dict(local=str(data), domains=['a', 'b'], proportions=[0.5, 0.5],
+                                                           epoch_size=8, max_seq_len=32), num_workers=0).dataloader
+    first = torch.cat([b['input_ids'] for b in dynamic().dataset.peek(3)])
+    assert first.shape == (12, 32) and len(set(first[:, 1].tolist())) > 4  # 3 batches over 2 intervals
+    algo, snap = run(tmp_path, steps=1, lag_lr=1e-12, init={'from': 'activations', 'batches': 3}, batch=4,
+                     train_loader=dynamic())
+    source = AutoModelForCausalLM.from_pretrained(tmp_path / 'source', attn_implementation='sdpa').eval()
+    shape = ModelShape.from_config(source.config)
+    want = oneshot_masks(importance(source, [first]), shape, algo.target_shape, algo.pruning_modules)
+    one = oneshot_masks(importance(source, [first[:4]]), shape, algo.target_shape, algo.pruning_modules)
+    assert any(not torch.equal(want[k], one[k]) for k in want)  # 3 batches select otherwise than the first alone
+    for s in structures_for(snap.source, snap.target, algo.pruning_modules):
+        assert torch.equal((snap.z[s.name] != 0).float(), want[s.name]), s.name
+    with pytest.raises(ConfigError, match='init.batches: 3 needs the dynamic_text train loader'):
+        run(tmp_path / 'plain', steps=1, init={'from': 'activations', 'batches': 3}, batch=4)
 
 
 @pytest.mark.parametrize('schedule', ['model', 'constant'])

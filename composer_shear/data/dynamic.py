@@ -139,6 +139,25 @@ class DynamicStreamingDataset(IterableDataset):
         """Samples per rank per interval (whole device batches)."""
         return (self.epoch_size // self.world // self.batch) * self.batch
 
+    def peek(self, num_batches: int) -> list[dict]:
+        """This rank's first `num_batches` device batches from the start of the current interval (the next one if
+        none is planned), collated, without changing what the loader yields. Intervals after it are planned at
+        the current proportions (a re-weighting in between would change them). Used to calibrate on the run's
+        own first batches (``shear_pruning.init.batches``)."""
+        if self.plan is not None:
+            epoch, cursor, proportions = self.plan.epoch, self.plan.start, self.plan.proportions
+        else:
+            epoch, cursor = self._next_epoch, self._next_cursor
+            proportions = self.proportions if self._pinned is None else self._pinned
+        rows: list = []
+        while len(rows) < num_batches * self.batch:
+            plan, _ = make_plan(epoch, proportions, cursor, self.epoch_size, self.sizes, self.seed)
+            pairs = interval_samples(plan, self.sizes, self.seed, {})
+            rows.extend(worker_slice(pairs, 0, self.rank, self.world, 0, 1, self.batch).tolist())
+            epoch, cursor, proportions = epoch + 1, plan.end, self.proportions
+        return [collate([self.sample(d, i) for d, i in rows[k * self.batch:(k + 1) * self.batch]])
+                for k in range(num_batches)]
+
     def state_dict(self, num_samples: int = 0, from_beginning: bool = True) -> dict:
         """Resume state: interval, global samples consumed in it, cursors at its start, proportions."""
         if self.plan is None:  # nothing iterated since construction or a resume

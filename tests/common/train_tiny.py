@@ -44,7 +44,7 @@ class LossLog(Callback):
 def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_interval='40ba', autoresume=False,
         model_dir=None, load_path=None, batch=4, target=None, modules=None, eval_interval='40ba', schedule='cosine',
         loggers=(), sleep=0.0, prune=True, distill=None, distill_first=False, mask_lr_schedule='model', callbacks=(),
-        multiplier_update='adam'):
+        multiplier_update='adam', train_loader=None):
     out = Path(out)
     dist.initialize_dist(DeviceCPU())
     if model_dir is None:
@@ -67,7 +67,7 @@ def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_i
     vocab = model.model.config.vocab_size
     losses = LossLog(sleep)
     trainer = Trainer(
-        model=model, optimizers=opt, train_dataloader=loader(Tokens(256, 32, vocab), batch),
+        model=model, optimizers=opt, train_dataloader=train_loader or loader(Tokens(256, 32, vocab), batch),
         eval_dataloader=Evaluator(label='eval', dataloader=loader(Tokens(16, 32, vocab, seed=1), batch),
                                   metric_names=['LanguageCrossEntropy']), eval_interval=eval_interval,
         max_duration=f'{steps}ba', algorithms=algorithms,
