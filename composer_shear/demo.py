@@ -268,8 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines += ['', '## Downstream accuracy', '', results_table(icl)]
     text = '\n'.join(lines) + '\n'
     (out / 'results.md').write_text(text)
+    init_from = args.init_from or OmegaConf.select(cfg['prune'], 'algorithms.shear_pruning.init.from',
+                                                   default='constant')
     summary = {'steps': steps, 'batch': batch, 'seq_len': seq_len, 'distill': args.distill,
-               'init_from': args.init_from,
+               'init_from': init_from,
                'models': {label: {'params': s.num_params(), 'shape': s.target_dict(),
                                   'eval_loss': {d: math.log(v[0]) for d, v in ppl.items()},
                                   'training_seconds': seconds, 'generations': samples}

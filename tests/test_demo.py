@@ -25,7 +25,7 @@ def test_demo_runs_end_to_end(tmp_path):
         ' continuation_delimiter: "\\nAnswer: "}\n')
     cmd = [sys.executable, '-m', 'composer_shear.cli', 'demo', '--out', str(out), '--prune-steps', '4',
            '--continue-steps', '2', '--interval', '2', '--eval-seqs', '8', '--tasks', str(tmp_path / 'tasks.yaml'),
-           '--icl-limit', '6', '--init-from', 'activations']
+           '--icl-limit', '6']
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
     assert res.returncode == 0, res.stderr[-4000:]
     table = (out / 'results.md').read_text()
@@ -45,7 +45,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert all(len(m['per_example']['piqa/0-shot']) == 6 for m in down['models'].values())
     summary = json.loads((out / 'results.json').read_text())  # the same numbers, machine-readable
     assert summary['models']['pruned']['params'] == 75_226_080 and summary['distill'] is None
-    assert summary['init_from'] == 'activations'  # the masks started from the first batch's activations
+    assert summary['init_from'] == 'activations'  # the YAML's start: the first batches' activation ranking
     assert list(summary['downstream']) == list(down['models'])
     assert summary['downstream']['source']['average'] == down['models']['source']['average']
     assert set(summary['models']['source']['eval_loss']) == {'code', 'reference', 'licenses'}
