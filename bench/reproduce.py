@@ -220,7 +220,7 @@ def run(args) -> dict:
     target = json.loads(args.target) if args.target else OmegaConf.to_container(
         OmegaConf.load(ROOT / 'composer_shear' / 'yamls' / 'demo' / 'prune.yaml').algorithms.shear_pruning.target)
     data = out / 'data'
-    prepare(args.data, source, data, b['seq'], eval_fraction=0.1)
+    prepare(args.data, source, data, b['seq'], eval_fraction=0.1, overwrite=True)  # its own folder
     ref = out / 'reference_loss.json'
     reference_loss(source, data, ref, max_batches=max(1, b['final_eval_seqs'] // 8))
     results = {'budget': b, 'target': target, 'tokens_per_step': b['batch'] * b['seq'], 'kd': KD, 'arms': {}}

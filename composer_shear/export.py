@@ -65,9 +65,15 @@ def masks_from_state(source: ModelShape, mask_sd: dict) -> ShearMasks:
 
 
 def load_masks_file(path: str | os.PathLike) -> ShearMasks:
-    from safetensors import safe_open
-    with safe_open(str(path), 'pt') as f:
-        meta = f.metadata() or {}
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), 'pt') as f:
+            meta = f.metadata() or {}
+            names = list(f.keys())
+            for name in names:  # every tensor read once: a truncated file fails here, by name
+                f.get_tensor(name)
+    except (SafetensorError, OSError) as e:
+        raise ExportError(f'{path} is not a readable safetensors file ({e})') from e
     if 'source' not in meta:
         raise ExportError(f'{path} has no source shape metadata; was it written by composer-shear?')
     source = ModelShape(**json.loads(meta['source']))
@@ -79,6 +85,21 @@ def load_masks_file(path: str | os.PathLike) -> ShearMasks:
 
 # reading Composer checkpoints --------------------------------------------------------------------------
 
+def check_zip(path: Path) -> None:
+    """The CRC-32 of every record of a zip-format checkpoint (torch.load does not check them, so flipped bytes
+    would load as wrong tensors). Reads the whole file once."""
+    import zipfile
+    if not zipfile.is_zipfile(path):
+        return  # legacy format, or too damaged to be a zip: torch.load names the problem
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ExportError(f'checkpoint {path} is corrupt ({e})') from e
+    if bad is not None:
+        raise ExportError(f'checkpoint {path} is corrupt: record {bad} fails its CRC-32 check')
+
+
 def read_checkpoint(path: str | os.PathLike, mmap: bool = True) -> tuple[dict, dict]:
     """The model state dict and the HF integration metadata ({} if absent) of a Composer checkpoint:
     a whole `.pt` file or a sharded (torch.distributed.checkpoint) folder. A whole file is memory-mapped by
@@ -88,6 +109,7 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = True) -> tuple[dict, d
         raise ExportError(f'checkpoint {path} does not exist')
     if path.is_dir():
         return _read_sharded(path)
+    check_zip(path)
     try:
         try:
             ckpt = torch.load(path, map_location='cpu', weights_only=False, mmap=mmap)

@@ -1,6 +1,7 @@
 """Dynamic batch loading: the update rule, the loader's mix, no repeats, exact resume, bad input."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -160,15 +161,15 @@ def test_peek_is_the_first_batches_and_changes_nothing(data):
     (planned at the current proportions), the same before and after the loader has started the interval; what the
     loader then yields is unchanged."""
     for rank in (0, 1):
-        ref = loader(data, [0.5, 0.3, 0.2], epoch_size=40, rank=rank, world=2)  # 5 batches per rank per interval
+        ref = loader(data, [0.5, 0.3, 0.2], epoch_size=40, rank=rank, world=2, workers=0)  # 5 batches per interval
         want = samples(ref) + samples(ref)[:8]
-        dl = loader(data, [0.5, 0.3, 0.2], epoch_size=40, rank=rank, world=2)
+        dl = loader(data, [0.5, 0.3, 0.2], epoch_size=40, rank=rank, world=2, workers=0)
         peeked = dl.dataset.peek(7)
         assert [b['input_ids'].shape for b in peeked] == [(4, 8)] * 7
         assert [(int(x[0]), int(x[1])) for b in peeked for x in b['input_ids']] == want
         assert all(torch.equal(b['input_ids'][:, 0], b['domain']) for b in peeked)
         assert samples(dl) + samples(dl)[:8] == want  # peeking took nothing from the loader
-        started = loader(data, [0.5, 0.3, 0.2], epoch_size=40, rank=rank, world=2)
+        started = loader(data, [0.5, 0.3, 0.2], epoch_size=40, rank=rank, world=2, workers=0)
         assert samples(started, batches=2) == want[:8]
         again = started.dataset.peek(7)  # the interval is planned now: peeking still starts at its beginning
         assert all(torch.equal(a['input_ids'], b['input_ids']) for a, b in zip(peeked, again, strict=True))
@@ -263,3 +264,71 @@ def test_callback_domains_must_match_the_loader(data, tmp_path):
     with pytest.raises(ValueError, match=r"dynamic_loading.domains \['a', 'b', 'x'\] differ from the train loader"):
         trainer.fit()
     assert int(trainer.state.timestamp.batch) == 0
+
+
+def test_inconsistent_yaml_and_data_are_refused_before_step_1(tmp_path):
+    """Each mismatch between the YAML and the prepared data is named before any training step."""
+    from composer import Trainer
+    from llmfoundry.models.hf import ComposerHFCausalLM
+    from transformers import AutoTokenizer
+
+    from composer_shear.data.dynamic import DynamicStreamingDataset, domain_evaluators
+    root = write_domains(tmp_path / 'mds', {'a': 40, 'b': 40})
+    write_domains(root, {'a': 8, 'b': 8}, split='eval')
+    with pytest.raises(ValueError, match=r"max_seq_len 16 differs from the 8 tokens per sample domain 'a'"):
+        DynamicStreamingDataset(local=str(root), domains=['a', 'b'], proportions=[0.5, 0.5], epoch_size=16,
+                                device_batch_size=4, max_seq_len=16)
+    save_tiny(tmp_path / 'model')
+    tok = AutoTokenizer.from_pretrained(tmp_path / 'model')
+
+    def trainer(eval_interval):
+        model = ComposerHFCausalLM(tok, pretrained_model_name_or_path=str(tmp_path / 'model'), pretrained=True,
+                                   use_train_metrics=False)
+        return Trainer(model=model, train_dataloader=loader(root, [0.5, 0.5], epoch_size=16, workers=0,
+                                                            domains=('a', 'b')),
+                       eval_dataloader=domain_evaluators(str(root), ['a', 'b'], 4, 8), eval_interval=eval_interval,
+                       max_duration='8ba', device='cpu', progress_bar=False,
+                       callbacks=[DynamicLoading(['a', 'b'], [0.5, 0.5], [1.0, 1.0],
+                                                 history_file=str(tmp_path / 'history.json'))])
+    for bad in ('3ba', '2ep', '0.5dur'):  # the loader's interval is 16 samples / 4 = 4 batches
+        t = trainer(bad)
+        with pytest.raises(ValueError, match=f'eval_interval {bad} of evaluator .a. differs from the dynamic_text '
+                                             'interval of 4 batches'):
+            t.fit()
+        assert int(t.state.timestamp.batch) == 0
+    for good in ('4ba', '16sp'):  # accepted (the check alone: training is the same as with 1ep)
+        t = trainer(good)
+        dyn = next(c for c in t.state.callbacks if isinstance(c, DynamicLoading))
+        dyn._check_eval_interval(t.state, t.state.train_dataloader.dataset)
+    t = trainer('1ep')
+    t.fit()
+    dyn = next(c for c in t.state.callbacks if isinstance(c, DynamicLoading))
+    assert [h['batch'] for h in dyn.history] == [4, 8]
+
+
+def test_reference_and_proportions_must_be_numbers(tmp_path):
+    domains = ['a', 'b']
+    (tmp_path / 'list.json').write_text('[2.5, 3.5]')
+    assert read_reference(str(tmp_path / 'list.json'), domains).tolist() == [2.5, 3.5]
+    (tmp_path / 'bad.json').write_text('{"losses": {"a": 1.0,')
+    with pytest.raises(ValueError, match=re.escape(f'{tmp_path / "bad.json"} is not a readable JSON file')):
+        read_reference(str(tmp_path / 'bad.json'), domains)
+    (tmp_path / 'nan.json').write_text('{"losses": {"a": NaN, "b": 2.0}}')
+    with pytest.raises(ValueError, match=re.escape(f"({tmp_path / 'nan.json'}) must be finite: ['a'] are [nan]")):
+        read_reference(str(tmp_path / 'nan.json'), domains)
+    with pytest.raises(ValueError, match="reference_loss must be finite: \\['b'\\]"):
+        read_reference([1.0, float('inf')], domains)
+    (tmp_path / 'text.json').write_text('{"losses": {"a": "2.5", "b": 2.0}}')
+    with pytest.raises(ValueError, match=r"must hold numbers, got '2.5' \(str\)"):
+        read_reference(str(tmp_path / 'text.json'), domains)
+    with pytest.raises(ValueError, match=r"initial_proportions must hold numbers, got '0.5'"):
+        DynamicLoading(domains, ['0.5', '0.5'], [1.0, 1.0])
+
+
+def test_out_of_samples_only_when_a_sample_is_read_again():
+    from composer_shear.data.plan import Cursor, advance
+    cursor, wrapped = advance(Cursor.start(2), [10, 3], [10, 5])
+    assert wrapped == [] and cursor.passes == [1, 0]  # read exactly to its end: nothing read twice yet
+    cursor, wrapped = advance(cursor, [1, 3], [10, 5])
+    assert wrapped == [0, 1]  # domain 0 starts its second pass; domain 1 runs past its end
+    assert advance(cursor, [0, 1], [10, 5])[1] == []

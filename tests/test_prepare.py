@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ import pytest
 import torch
 import zstandard
 
-from composer_shear.data.prepare import prepare
+from composer_shear.data.prepare import prepare, verify_data
 from composer_shear.testing import save_tiny, tiny_tokenizer
 
 SEQ = 32
@@ -87,10 +88,6 @@ def leftovers(out):
     return sorted(str(p.relative_to(out)) for p in out.rglob('*') if '.tmp-' in p.name)
 
 
-def mtimes(out):
-    return {p: p.stat().st_mtime_ns for p in out.rglob('*') if p.is_file()}
-
-
 def check_output(out, texts, manifest, seq=SEQ, eval_fraction=0.2):
     """Every domain's splits against the manifest and against the input documents, traced by their tags."""
     assert json.loads((out / 'manifest.json').read_text()) == manifest
@@ -154,12 +151,12 @@ def test_uint32_for_a_large_vocabulary(tmp_path):
     assert flat[0] == BOS and flat[-1] == EOS and flat[1:-1] in words and max(flat) > 65535
 
 
-def test_rerun_is_skipped_and_a_new_setting_is_redone(tmp_path, tok_dir, corpus, monkeypatch):
+def test_rerun_is_skipped_and_other_inputs_need_overwrite(tmp_path, tok_dir, corpus, monkeypatch):
     from transformers import AutoTokenizer
     root, texts = corpus
     out = tmp_path / 'out'
     first = prepare(root, tok_dir, out, SEQ, eval_fraction=0.2, progress=False)
-    before = mtimes(out)
+    before = snapshot(out)
 
     def no_tokenizer(*args, **kwargs):
         raise AssertionError('a complete output must not be redone')
@@ -168,9 +165,13 @@ def test_rerun_is_skipped_and_a_new_setting_is_redone(tmp_path, tok_dir, corpus,
         start = time.perf_counter()
         again = prepare(root, tok_dir, out, SEQ, eval_fraction=0.2, progress=False)
         assert time.perf_counter() - start < 2
-    assert again == first and mtimes(out) == before
+    assert again == first and snapshot(out) == before
 
-    half = prepare(root, tok_dir, out, SEQ // 2, eval_fraction=0.2, progress=False)
+    # other settings: refused, naming what differs, nothing touched; --overwrite rebuilds the whole output
+    with pytest.raises(ValueError, match=re.escape('prepared from other inputs or settings (max_seq_len 32 -> 16)')):
+        prepare(root, tok_dir, out, SEQ // 2, eval_fraction=0.2, progress=False)
+    assert snapshot(out) == before
+    half = prepare(root, tok_dir, out, SEQ // 2, eval_fraction=0.2, progress=False, overwrite=True)
     assert half['fingerprint'] != first['fingerprint']
     check_output(out, texts, half, seq=SEQ // 2)
     for domain, splits in half['domains'].items():
@@ -178,46 +179,120 @@ def test_rerun_is_skipped_and_a_new_setting_is_redone(tmp_path, tok_dir, corpus,
             old = first['domains'][domain][split]
             assert v['documents'] == old['documents'] and v['sequences'] >= 2 * old['sequences']
 
-    # a changed input file is noticed too
-    write_jsonl(root / 'beta' / 'part-0.jsonl.gz', docs('beta', range(21)))
-    more = prepare(root, tok_dir, out, SEQ // 2, eval_fraction=0.2, progress=False)
-    assert sum(v['documents'] for v in more['domains']['beta'].values()) == 21
-    check_output(out, texts | {'beta': [doc_text('beta', i) for i in range(21)]}, more, seq=SEQ // 2)
+    # fewer domains: no stale domain is left beside the new ones
+    fewer = prepare([root / 'alpha', root / 'beta'], tok_dir, out, SEQ // 2, eval_fraction=0.2, progress=False,
+                    overwrite=True)
+    assert list(fewer['domains']) == ['alpha', 'beta'] and sorted(p.name for p in (out / 'train').iterdir()) == \
+        ['alpha', 'beta']
+
+    # a changed input file is noticed by its content, even at the same size and modification time
+    path = root / 'alpha' / 'a0.jsonl'
+    stat, text = path.stat(), path.read_text()
+    path.write_text(text.replace('alpha-000', 'alpha-00X'))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    with pytest.raises(ValueError, match=re.escape('(input alpha/a0.jsonl changed)')):
+        prepare([root / 'alpha', root / 'beta'], tok_dir, out, SEQ // 2, eval_fraction=0.2, progress=False)
 
 
-def test_interrupted_run_is_redone(tmp_path, tok_dir, corpus, monkeypatch):
+def snapshot(folder):
+    """Every file under `folder` (hidden ones too) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+def test_a_failed_or_killed_run_leaves_the_previous_output_intact(tmp_path, tok_dir, corpus, monkeypatch):
     root, texts = corpus
     out = tmp_path / 'out'
     prepare(root, tok_dir, out, SEQ, eval_fraction=0.2, progress=False)
+    before = snapshot(out)
 
-    # a bad file in the third domain: the first two are rewritten, then the run stops
+    # a bad file in the third domain (found after two domains were tokenized): the old output is untouched
     bad = write_jsonl(root / 'gamma' / 'z.jsonl', docs('gamma', [99]) + ['{"text": "cut off'])
     with pytest.raises(ValueError, match=re.escape(f'{bad}:2')):
-        prepare(root, tok_dir, out, SEQ, eval_fraction=0.2, progress=False)
-    assert not (out / 'manifest.json').exists() and leftovers(out) == []
+        prepare(root, tok_dir, out, SEQ, eval_fraction=0.2, progress=False, overwrite=True)
+    assert snapshot(out) == before and siblings(tmp_path) == ['out', 'raw', 'tok']
 
-    # killed while writing the third domain's shards: a partial temporary folder stays behind
+    # killed while writing the third domain: its temporary folder stays beside the output, the output is intact
     bad.unlink()
     from streaming import MDSWriter
     write = MDSWriter.write
 
     def dies_in_gamma(self, sample):
-        if '.gamma.tmp-' in self.local:
+        if self.local.endswith('gamma'):
             raise KeyboardInterrupt
         return write(self, sample)
+    write_jsonl(root / 'gamma' / 'z.jsonl', docs('gamma', [99]))  # other inputs: a rebuild
     with monkeypatch.context() as m:
         m.setattr(MDSWriter, 'write', dies_in_gamma)
+        m.setattr(shutil, 'rmtree', lambda *a, **k: None)  # as if the process had died before cleaning up
         with pytest.raises(KeyboardInterrupt):
-            prepare(root, tok_dir, out, SEQ, eval_fraction=0.2, progress=False)
-    assert not (out / 'manifest.json').exists()
-    assert leftovers(out) == [f'eval/.gamma.tmp-{os.getpid()}', f'train/.gamma.tmp-{os.getpid()}']
-    # as if another process had left them
-    for split in ('train', 'eval'):
-        os.rename(out / split / f'.gamma.tmp-{os.getpid()}', out / split / '.gamma.tmp-999999')
+            prepare(root, tok_dir, out, SEQ, eval_fraction=0.2, progress=False, overwrite=True)
+    assert snapshot(out) == before
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith('.out.tmp-')]
+    assert len(stale) == 1 and (stale[0] / '.prepare-data-building').exists()
+    (tmp_path / '.out.tmp-user').mkdir()  # a look-alike folder without the marker is not ours: kept
 
-    manifest = prepare(root, tok_dir, out, SEQ, eval_fraction=0.2, progress=False)
-    check_output(out, texts, manifest)
-    assert leftovers(out) == []
+    manifest = prepare(root, tok_dir, out, SEQ, eval_fraction=0.2, progress=False, overwrite=True)
+    check_output(out, texts | {'gamma': texts['gamma'] + [doc_text('gamma', 99)]}, manifest)
+    assert siblings(tmp_path) == ['.out.tmp-user', 'out', 'raw', 'tok'] and verify_data(out) == []
+
+
+def siblings(folder):
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith('.lock'))
+
+
+def test_a_foreign_or_busy_output_is_refused(tmp_path, tok_dir, corpus):
+    root, _ = corpus
+    mine = tmp_path / 'mine'
+    (mine / 'train' / 'cc').mkdir(parents=True)
+    (mine / 'train' / 'cc' / 'my_model.bin').write_bytes(b'weights')
+    (mine / 'manifest.txt').write_text('mine')
+    before = snapshot(mine)
+    for overwrite in (False, True):  # never written into, even with overwrite
+        with pytest.raises(ValueError, match='is not empty and is not a prepare-data output: refusing'):
+            prepare(root, tok_dir, mine, SEQ, progress=False, overwrite=overwrite)
+    assert snapshot(mine) == before
+    (mine / 'manifest.json').write_text('{"mine": true}')  # a foreign manifest: overwrite is required
+    with pytest.raises(ValueError, match='an older prepare-data version'):
+        prepare(root, tok_dir, mine, SEQ, progress=False)
+    assert (mine / 'train' / 'cc' / 'my_model.bin').exists()
+
+    import fcntl
+    busy = tmp_path / 'busy'
+    with open(tmp_path / '.busy.prepare-data.lock', 'w') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match='another prepare-data is writing'):
+            prepare(root, tok_dir, busy, SEQ, progress=False)
+    assert not busy.exists()
+
+
+def test_damage_is_found_by_verify_the_rerun_and_the_loader(tmp_path, tok_dir, corpus):
+    from composer_shear.data.dynamic import build_dynamic_text_dataloader
+    root, _ = corpus
+    out = tmp_path / 'out'
+    first = prepare(root, tok_dir, out, SEQ, eval_fraction=0.2, progress=False)
+    index = json.loads((out / 'train' / 'beta' / 'index.json').read_text())
+    assert all(len(s['raw_data']['hashes']['sha1']) == 40 for s in index['shards'])
+    shard = out / 'train' / 'beta' / index['shards'][0]['raw_data']['basename']
+    data = bytearray(shard.read_bytes())
+    data[-64:] = b'\xff' * 64  # overwritten bytes: the size is unchanged, token 65535 would be read
+    shard.write_bytes(bytes(data))
+    problems = verify_data(out)
+    assert problems == [f'{shard} is corrupt (sha1 differs from its index)']
+    with pytest.raises(ValueError, match=re.escape(f'{out} is damaged ({shard} is corrupt')):
+        prepare(root, tok_dir, out, SEQ, eval_fraction=0.2, progress=False)
+
+    def read_all():
+        spec = build_dynamic_text_dataloader(None, 2, dict(local=str(out), domains=['beta'], proportions=[1.0],
+                                                          epoch_size=2, max_seq_len=SEQ), num_workers=0)
+        return [b['input_ids'] for b in spec.dataloader]
+    with pytest.raises(ValueError, match=f'shard {re.escape(str(shard))} is corrupt'):
+        read_all()
+    shard.write_bytes(bytes(data[:-100]))  # truncated: refused when the loader is built
+    with pytest.raises(ValueError, match=f'shard {re.escape(str(shard))} has {len(data) - 100} bytes'):
+        read_all()
+    assert prepare(root, tok_dir, out, SEQ, eval_fraction=0.2, progress=False, overwrite=True) == first
+    assert verify_data(out) == [] and len(read_all()) == 1
 
 
 def valid_domain(root, name, n=4):
@@ -304,6 +379,37 @@ def test_bad_input_folders(tmp_path, tok_dir):
         prepare([tmp_path / 'x' / 'web', tmp_path / 'y' / 'web'], tok_dir, tmp_path / 'out', SEQ, progress=False)
 
 
+def test_bad_settings_and_layouts_are_named_before_anything_is_written(tmp_path, tok_dir, corpus):
+    root, _ = corpus
+    out = tmp_path / 'out'
+    for seq, eval_fraction, message in ((0, 0.1, '--max-seq-len must be an integer of at least 2, got 0'),
+                                        (-5, 0.1, 'got -5'), (SEQ, 0.0, '--eval-fraction must be between 0 and 1'),
+                                        (SEQ, -0.1, 'got -0.1'), (SEQ, 1.5, 'got 1.5')):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            prepare(root, tok_dir, out, seq, eval_fraction=eval_fraction, progress=False)
+    (tmp_path / 'file').write_text('x')
+    with pytest.raises(ValueError, match='exists and is not a folder'):
+        prepare(root, tok_dir, tmp_path / 'file', SEQ, progress=False)
+    model = save_tiny(tmp_path / 'model')  # max_position_embeddings 128
+    with pytest.raises(ValueError, match=r'--max-seq-len 129 is longer than the model supports \(max_position_'):
+        prepare(root, model, out, 129, progress=False)
+    assert not out.exists()
+
+    (root / 'notes.jsonl').write_text('{"text": "a stray file"}\n')  # would turn the corpus into one domain
+    with pytest.raises(ValueError, match=r'holds data files \(notes.jsonl\) beside domain folders'):
+        prepare(root, tok_dir, out, SEQ, progress=False)
+    (root / 'notes.jsonl').unlink()
+    (root / 'beta' / 'extra.json').write_text('{"text": "json, not jsonl"}')
+    with pytest.raises(ValueError, match=re.escape(f'{root / "beta" / "extra.json"}: unsupported format')):
+        prepare(root, tok_dir, out, SEQ, progress=False)
+    (root / 'beta' / 'extra.json').unlink()
+    valid_domain(root / '.git', 'objects')  # hidden folders are never domains, nor read inside one
+    write_jsonl(root / 'beta' / '.cache' / 'old.jsonl', docs('beta', range(50, 60)))
+    manifest = prepare(root, tok_dir, out, SEQ, progress=False)
+    assert list(manifest['domains']) == ['alpha', 'beta', 'gamma']
+    assert sum(v['documents'] for v in manifest['domains']['beta'].values()) == SIZES['beta']
+
+
 def cli(*args):
     return subprocess.run([sys.executable, '-m', 'composer_shear.cli', *map(str, args)], capture_output=True,
                           text=True, timeout=300)
@@ -325,11 +431,23 @@ def test_cli_prepare_data(tmp_path, tok_dir, corpus):
         assert splits['eval']['documents'] == round(0.1 * SIZES[domain])
     assert lines[-1] == f'wrote {out} (uint16 tokens)'
 
+    assert cli('verify-data', out).stdout.splitlines()[-1] == f'{out}: every shard is sound'
     bad = write_jsonl(root / 'beta' / 'extra.jsonl', docs('beta', [50]) + [{'txt': 'typo'}])
-    run = cli('prepare-data', '--input', root, '--tokenizer', tok_dir, '--out', out, '--max-seq-len', SEQ)
+    run = cli('prepare-data', '--input', root, '--tokenizer', tok_dir, '--out', out, '--max-seq-len', SEQ,
+              '--overwrite')
     assert run.returncode == 2
     assert 'error:' in run.stderr and f'{bad}:2 has no string `text` field' in run.stderr
     assert 'Traceback' not in run.stderr
+    run = cli('prepare-data', '--input', root, '--tokenizer', tok_dir, '--out', tmp_path / 'new', '--max-seq-len', 0)
+    assert run.returncode == 2 and run.stderr.count('\n') == 1 and '--max-seq-len must be' in run.stderr
+    assert not (tmp_path / 'new').exists()
+    shard = next((out / 'eval' / 'gamma').glob('*.mds'))
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # one flipped byte
+    run = cli('verify-data', out)
+    assert run.returncode == 1 and run.stdout.splitlines() == [f'{shard} is corrupt (sha1 differs from its index)',
+                                                              f'{out}: 1 problem(s)']
+    assert cli('verify-data', tmp_path / 'nowhere').returncode == 2
 
 
 @pytest.mark.slow  # a process
@@ -372,7 +490,7 @@ def test_reference_loss_matches_an_independent_computation(tmp_path):
 PEAK = """
 import json, sys
 from pathlib import Path
-from composer_shear.data.prepare import prepare
+from composer_shear.data.prepare import prepare, verify_data
 root, mib = Path(sys.argv[1]), float(sys.argv[2])
 doc = 'the quick brown fox jumps over the lazy dog ' * 50
 (root / 'raw' / 'big').mkdir(parents=True)

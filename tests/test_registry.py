@@ -24,6 +24,8 @@ def test_dynamic_loading_parts_resolve():
     from composer_shear.data.callback import DynamicLoading
     from composer_shear.data.dynamic import build_dynamic_text_dataloader
     assert registry.dataloaders.get('dynamic_text') is build_dynamic_text_dataloader
+    from composer_shear.data.dynamic import build_domain_eval_dataloader
+    assert registry.dataloaders.get('domain_eval') is build_domain_eval_dataloader
     cb = build_callback('dynamic_loading', {'domains': ['a', 'b'], 'initial_proportions': [0.5, 0.5],
                                             'reference_loss': [1.0, 2.0]})
     assert isinstance(cb, DynamicLoading)

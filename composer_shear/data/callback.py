@@ -14,7 +14,14 @@ from composer.loggers import Logger
 from numpy.typing import ArrayLike
 
 from composer_shear._io import run_folder, write_text
-from composer_shear.data.weights import EXCESS_TYPES, UPDATE_TYPES, check_proportions, per_domain, update_domain_weights
+from composer_shear.data.weights import (
+    EXCESS_TYPES,
+    UPDATE_TYPES,
+    check_proportions,
+    numbers,
+    per_domain,
+    update_domain_weights,
+)
 from composer_shear.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -45,12 +52,32 @@ def read_reference(reference: str | Sequence[float] | dict[str, float], domains:
             if not path.exists():
                 raise ConfigError(f'{name}: {reference!r} is neither a preset ({sorted(REFERENCE_PRESETS)}) '
                                  'nor an existing JSON file')
-            reference = json.loads(path.read_text())
-            reference = reference.get('losses', reference)
-    ref = np.asarray(per_domain(reference, domains, name), dtype=np.float64)
+            try:
+                reference = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ConfigError(f'{name}: {path} is not a readable JSON file ({e})') from e
+            if isinstance(reference, dict):
+                reference = reference.get('losses', reference)
+            name = f'{name} ({path})'
+    ref = numbers(per_domain(reference, domains, name), name)
     if ref.shape != (len(domains),):
         raise ConfigError(f'{name} has {ref.size} values for {len(domains)} domains {list(domains)}')
+    if not np.isfinite(ref).all():
+        bad = [d for d, v in zip(domains, ref, strict=True) if not np.isfinite(v)]
+        raise ConfigError(f'{name} must be finite: {bad} are {[float(v) for v in ref if not np.isfinite(v)]}')
     return ref
+
+
+def interval_of(eval_interval: Any) -> Any:
+    """The Composer Time an evaluator's interval function was made from (None for a custom function)."""
+    import inspect
+
+    from composer.core import Time
+    try:
+        found = inspect.getclosurevars(eval_interval).nonlocals.get('time_interval')
+    except TypeError:
+        return None
+    return found if isinstance(found, Time) else None
 
 
 def warn_if_too_small(ds: DynamicStreamingDataset, state: State) -> list[str]:
@@ -130,15 +157,44 @@ class DynamicLoading(Callback):
         return ds
 
     def fit_start(self, state: State, logger: Logger) -> None:
-        """Push the current weights to the train dataset and warn about domains too small for the run."""
+        """Check that the domains are evaluated once per loader interval, push the current weights to the train
+        dataset and warn about domains too small for the run."""
         ds = self._dataset(state)
+        self._check_eval_interval(state, ds)
         ds.set_proportions(self.weights)
         warn_if_too_small(ds, state)
+
+    @staticmethod
+    def _batches_per_interval(ds: DynamicStreamingDataset) -> int:
+        return ds.epoch_size // (ds.world * ds.batch)
+
+    def _check_eval_interval(self, state: State, ds: DynamicStreamingDataset) -> None:
+        """Each re-weighting must see the losses of one whole loader interval: the domains' evaluators must run
+        every epoch (the loader's interval) or every as many batches or samples."""
+        from composer.core import TimeUnit
+        n = self._batches_per_interval(ds)
+        for evaluator in state.evaluators:
+            if evaluator.label not in self.domains:
+                continue
+            t = interval_of(evaluator.eval_interval)
+            if t is None:
+                continue  # a custom function: checked at each evaluation instead
+            if (t.unit, t.value) not in ((TimeUnit.EPOCH, 1), (TimeUnit.BATCH, n), (TimeUnit.SAMPLE, ds.epoch_size)):
+                raise ConfigError(f'eval_interval {t} of evaluator {evaluator.label!r} differs from the dynamic_text '
+                                  f'interval of {n} batches (dataset.epoch_size {ds.epoch_size} / global batch '
+                                  f'{ds.world * ds.batch}): set eval_interval: 1ep, so that each re-weighting '
+                                  'follows one interval')
 
     def eval_after_all(self, state: State, logger: Logger) -> None:
         """Update the weights from the per-domain eval losses, push them to the dataset and log them."""
         if not state.eval_metrics:
             return
+        ds = self._dataset(state)
+        n, batch = self._batches_per_interval(ds), int(state.timestamp.batch)
+        elapsed = state.get_elapsed_duration()
+        if batch % n and (elapsed is None or elapsed < 1):  # the end-of-training evaluation may fall mid-interval
+            raise ConfigError(f'dynamic_loading: an evaluation at batch {batch} falls inside a dynamic_text interval '
+                              f'of {n} batches: set eval_interval: 1ep')
         losses = []
         for d in self.domains:
             metrics = state.eval_metrics.get(f'eval/{d}') or state.eval_metrics.get(d)
@@ -148,7 +204,7 @@ class DynamicLoading(Callback):
         self.weights = update_domain_weights(self.weights, losses, self.reference, self.update_type, self.clip,
                                              self.smoothing, self.step_size, self.excess, self.max_weight)
         self.history.append({'batch': int(state.timestamp.batch), 'losses': losses, 'weights': self.weights.tolist()})
-        self._dataset(state).set_proportions(self.weights)
+        ds.set_proportions(self.weights)
         self.write_history(state)
         logger.log_metrics({f'metrics/dynamic_loading/{d}_excess_loss': loss - r
                             for d, loss, r in zip(self.domains, losses, self.reference, strict=True)})

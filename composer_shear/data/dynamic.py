@@ -58,8 +58,31 @@ def check_local_split(folder: str, domain: str) -> None:
         zipped = (shard.get('zip_data') or {}).get('basename')
         if not any(b and Path(folder, b).exists() for b in (raw, zipped)):
             raise FileNotFoundError(f'dynamic_text: domain {domain!r}: shard {Path(folder, raw or zipped)} is missing')
+        path, size = Path(folder, raw or ''), shard.get('raw_data', {}).get('bytes')
+        if raw and path.exists() and path.stat().st_size != size:  # truncated or extended: fail now, not in a worker
+            raise ValueError(f'dynamic_text: domain {domain!r}: shard {path} has {path.stat().st_size} bytes, its '
+                             f'index says {size} (run composer-shear verify-data)')
     if sum(s.get('samples', 0) for s in shards) == 0:
         raise ValueError(f'dynamic_text: domain {domain!r} is empty ({folder})')
+
+
+class LocalDomains:
+    """Local MDS domain folders read in place: the part of a multi-stream `StreamingDataset`'s interface this
+    module uses (global sample ids, domain sizes and offsets, the shard list and its spanner), without the
+    shared memory a `StreamingDataset` holds until the process exits."""
+
+    def __init__(self, folders: Iterable[str]) -> None:
+        from streaming import LocalDataset
+        from streaming.base.spanner import Spanner
+        parts = [LocalDataset(f) for f in folders]
+        self.samples_per_stream = [p.num_samples for p in parts]
+        self.sample_offset_per_stream = np.concatenate([[0], np.cumsum(self.samples_per_stream)[:-1]]).tolist()
+        self.shards = [shard for p in parts for shard in p.shards]
+        self.spanner = Spanner(np.array([shard.samples for shard in self.shards]))
+
+    def get_item(self, sample_id: int) -> dict:
+        shard_id, index = self.spanner[sample_id]
+        return self.shards[shard_id][index]
 
 
 class DynamicStreamingDataset(IterableDataset):
@@ -88,20 +111,30 @@ class DynamicStreamingDataset(IterableDataset):
         if not self.domains:
             raise ConfigError('dynamic_text: dataset.domains is empty')
         self.proportions = check_proportions(proportions, self.domains, 'dataset.proportions')
-        streams = []
-        for d in self.domains:
-            local_dir = os.path.join(local, split, d)
-            if remote is None:
-                check_local_split(local_dir, d)
-            streams.append(Stream(local=local_dir, remote=None if remote is None else f'{remote}/{split}/{d}'))
-        self.store = StreamingDataset(streams=streams, batch_size=device_batch_size, shuffle=False,
-                                      download_timeout=download_timeout)
+        folders = [os.path.join(local, split, d) for d in self.domains]
+        if remote is None:  # local data: read directly, without streaming's shared memory
+            for folder, d in zip(folders, self.domains, strict=True):
+                check_local_split(folder, d)
+            self.store: StreamingDataset | LocalDomains = LocalDomains(folders)
+        else:
+            streams = [Stream(local=f, remote=f'{remote}/{split}/{d}') for f, d in zip(folders, self.domains,
+                                                                                          strict=True)]
+            self.store = StreamingDataset(streams=streams, batch_size=device_batch_size, shuffle=False,
+                                          download_timeout=download_timeout)
         self.sizes = [int(n) for n in self.store.samples_per_stream]
         self.offsets = [int(n) for n in self.store.sample_offset_per_stream]
         for d, n in zip(self.domains, self.sizes, strict=True):
             if n == 0:
                 raise ValueError(f'dynamic_text: domain {d!r} is empty')
         self.max_seq_len = int(max_seq_len)
+        if remote is None:  # every sample of a domain has the length it was prepared at: check one of each
+            for d, offset in zip(self.domains, self.offsets, strict=True):
+                width = len(self.store.get_item(offset)['tokens'])
+                if width != self.max_seq_len:
+                    raise ConfigError(f'dynamic_text: dataset.max_seq_len {self.max_seq_len} differs from the '
+                                      f'{width} tokens per sample domain {d!r} was prepared with '
+                                      f'({os.path.join(local, split, d)}); prepare the data at that length or '
+                                      f'set max_seq_len: {width}')
         self.seed = int(seed)
         self.rank = dist.get_global_rank() if rank is None else rank
         self.world = dist.get_world_size() if world_size is None else world_size
@@ -201,8 +234,26 @@ class DynamicStreamingDataset(IterableDataset):
 
     def sample(self, domain: int, index: int) -> dict:
         tokens = self.store.get_item(self.offsets[domain] + index)['tokens']
+        self._check_shard(self.offsets[domain] + index)
         ids = torch.from_numpy(np.asarray(tokens[:self.max_seq_len]).astype(np.int64))
         return {'input_ids': ids, 'domain': domain}
+
+
+    def _check_shard(self, sample_id: int) -> None:
+        """The first time this process reads a shard, its SHA-1 against the one its index records (prepare-data
+        writes them): a corrupt shard fails here, naming its file, instead of yielding wrong tokens."""
+        from composer_shear.data.prepare import SHARD_HASH, file_hash
+        shard_id, _ = self.store.spanner[sample_id]
+        checked = self.__dict__.setdefault('_checked_shards', set())
+        if shard_id in checked:
+            return
+        reader = self.store.shards[shard_id]  # the global shard list (of all domains) in both stores
+        expected = (reader.raw_data.hashes or {}).get(SHARD_HASH)
+        path = Path(reader.dirname, reader.split, reader.raw_data.basename)
+        if expected is not None and file_hash(path, SHARD_HASH) != expected:
+            raise ValueError(f'dynamic_text: shard {path} is corrupt ({SHARD_HASH} differs from its index.json; '
+                             'run composer-shear verify-data, then prepare-data --overwrite)')
+        checked.add(shard_id)
 
 
 def collate(samples: list[dict]) -> dict:
@@ -237,6 +288,34 @@ def build_dynamic_text_dataloader(tokenizer: Any, device_batch_size: int, datase
                            num_workers=num_workers, pin_memory=pin_memory,
                            prefetch_factor=prefetch_factor if num_workers else None,
                            persistent_workers=persistent_workers and num_workers > 0, timeout=timeout)
+    return DataSpec(loader, get_num_tokens_in_batch=lambda b: int(b['attention_mask'].sum()))
+
+
+EVAL_KEYS = ('local', 'domain', 'max_seq_len')
+
+
+def build_domain_eval_dataloader(tokenizer: Any, device_batch_size: int, dataset: dict, drop_last: bool = False,
+                                 num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int | None = None,
+                                 persistent_workers: bool = False, timeout: float = 0) -> DataSpec:
+    """llm-foundry dataloader `domain_eval`: one domain's eval split (`{local}/eval/{domain}`), every token a
+    target, as `dynamic_text` trains and `composer-shear reference-loss` measures (llm-foundry's `text` loader
+    drops the targets equal to the pad token, which is EOS for tokenizers without one). Use it for the
+    evaluators `dynamic_loading` reads, so that eval and reference losses are the same measurement.
+
+    Example (YAML):
+        eval_loaders:
+          - {label: cc, name: domain_eval, dataset: {local: data/rp, domain: cc, max_seq_len: 4096}}
+    """
+    from composer.core import DataSpec
+    unknown, missing = sorted(set(dataset) - set(EVAL_KEYS)), [k for k in EVAL_KEYS if k not in dataset]
+    if unknown or missing:
+        raise ConfigError(f'domain_eval: dataset.{(unknown or missing)[0]} is {"unknown" if unknown else "required"}'
+                          f'; keys: {", ".join(EVAL_KEYS)}')
+    ds = DomainEvalSet(str(dataset['local']), str(dataset['domain']), device_batch_size, int(dataset['max_seq_len']))
+    loader = DataLoader(ds, batch_size=device_batch_size, collate_fn=collate, drop_last=drop_last,
+                        num_workers=num_workers, pin_memory=pin_memory,
+                        prefetch_factor=prefetch_factor if num_workers else None,
+                        persistent_workers=persistent_workers and num_workers > 0, timeout=timeout)
     return DataSpec(loader, get_num_tokens_in_batch=lambda b: int(b['attention_mask'].sum()))
 
 

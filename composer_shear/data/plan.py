@@ -59,7 +59,9 @@ def advance(cursor: Cursor, counts: Sequence[int] | np.ndarray, sizes: Sequence[
     passes, offsets, wrapped = list(cursor.passes), list(cursor.offsets), []
     for d, (n, size) in enumerate(zip(counts, sizes, strict=True)):
         total = offsets[d] + int(n)
-        if total >= size:
+        # samples read a second time: past the end in this interval, or a new pass that starts with it (a domain
+        # read exactly to its end has not run out yet)
+        if total > size or (n > 0 and offsets[d] == 0 and passes[d] > 0):
             wrapped.append(d)
         passes[d] += total // size
         offsets[d] = total % size

@@ -6,13 +6,18 @@ Input: a folder holding one sub-folder per domain (or a list of domain folders),
 Eval sequences come from documents that train never sees. Output:
 `OUT/{train,eval}/<domain>/` (MDS, column `tokens`, uint16 when the vocabulary fits, else uint32) and
 `OUT/manifest.json` (documents, tokens and sequences per domain and split, and the inputs' fingerprint).
-Each split is written under a temporary name and renamed; the manifest is written last, so an interrupted run
-is redone, and a complete one with the same inputs is skipped. Documents are streamed (a first pass counts and
-validates them, the second tokenizes 256 KiB at a time): memory does not grow with the corpus.
+The whole output is built in a temporary folder beside `OUT` and renamed into place when complete, so an
+interrupted or failed run leaves the previous output as it was. The manifest records every setting and a content
+hash of every input file and tokenizer file; a re-run with the same ones checks the output (every shard's size
+and SHA-1, recorded in the MDS index) and skips; with other ones, or over a folder that is not a prepare-data
+output, it refuses unless `overwrite` (a foreign folder is never replaced). One run at a time per `OUT` (a lock).
+Documents are streamed (a first pass counts and validates them, the second tokenizes 256 KiB at a time): memory
+does not grow with the corpus. `verify_data(OUT)` (`composer-shear verify-data`) checks every shard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -24,14 +29,33 @@ from pathlib import Path
 
 import numpy as np
 
-from composer_shear._io import write_text
+from composer_shear._io import atomic_dir, write_text
+
+__all__ = ['MANIFEST', 'find_domains', 'prepare', 'verify_data']
 
 SUFFIXES = ('.jsonl', '.jsonl.gz', '.jsonl.zst')
+# data-looking files this command does not read: named as an error instead of being skipped
+UNSUPPORTED = ('.json', '.json.gz', '.json.zst', '.jsonl.bz2', '.jsonl.xz', '.jsonl.lz4', '.parquet', '.arrow')
 MANIFEST = 'manifest.json'
+FORMAT = 'composer_shear.prepare-data/2'  # the manifest's `format`: what this module writes and can skip
+BUILDING = '.prepare-data-building'  # marks a temporary output folder as this command's
+SHARD_HASH = 'sha1'
+
+
+def visible(path: Path, root: Path) -> bool:
+    """No component below `root` is hidden (`.git`, editor and OS files)."""
+    return not any(part.startswith('.') for part in path.relative_to(root).parts)
 
 
 def domain_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob('*') if p.is_file() and p.name.endswith(SUFFIXES))
+    """The data files of one domain folder (recursively, hidden ones skipped); a file in a data-like format this
+    command does not read is an error, not a silent skip."""
+    files = sorted(p for p in folder.rglob('*') if p.is_file() and visible(p, folder))
+    for p in files:
+        if p.name.endswith(UNSUPPORTED) and not p.name.endswith(SUFFIXES):
+            raise ValueError(f'prepare-data: {p}: unsupported format; expected {", ".join(SUFFIXES)} files '
+                             '(one JSON object with a `text` field per line)')
+    return [p for p in files if p.name.endswith(SUFFIXES)]
 
 
 def find_domains(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> dict[str, Path]:
@@ -41,7 +65,12 @@ def find_domains(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> dic
         if not p.is_dir():
             raise FileNotFoundError(f'prepare-data: input {p} is not a folder')
     if len(inputs) == 1 and not domain_files_shallow(inputs[0]):
-        domains = {d.name: d for d in sorted(inputs[0].iterdir()) if d.is_dir()}
+        domains = {d.name: d for d in sorted(inputs[0].iterdir()) if d.is_dir() and not d.name.startswith('.')}
+    elif len(inputs) == 1 and any(d.is_dir() and not d.name.startswith('.') and domain_files(d)
+                                  for d in inputs[0].iterdir()):
+        stray = sorted(p.name for p in inputs[0].iterdir() if p.is_file() and p.name.endswith(SUFFIXES))
+        raise ValueError(f'prepare-data: input {inputs[0]} holds data files ({", ".join(stray)}) beside domain '
+                         'folders: move them into a domain folder (or pass the domain folders themselves)')
     else:
         domains = {p.name: p for p in inputs}
         if len(domains) < len(inputs):  # the domain name is the folder's name: two would be merged silently
@@ -56,7 +85,7 @@ def find_domains(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> dic
 
 
 def domain_files_shallow(folder: Path) -> bool:
-    return any(p.is_file() and p.name.endswith(SUFFIXES) for p in folder.iterdir())
+    return any(p.is_file() and p.name.endswith(SUFFIXES) and not p.name.startswith('.') for p in folder.iterdir())
 
 
 def read_texts(path: Path) -> Iterator[str]:
@@ -87,19 +116,43 @@ def read_texts(path: Path) -> Iterator[str]:
         raise ValueError(f'prepare-data: cannot read {path} after line {n} ({e})') from e
 
 
-def fingerprint(domains: dict[str, Path], tokenizer_dir: str | os.PathLike, max_seq_len: int, eval_fraction: float,
-                seed: int) -> str:
-    """A hash of the input files (names, sizes, mtimes), the tokenizer files and the settings."""
-    h = hashlib.sha256()
-    for name, folder in sorted(domains.items()):
-        for f in domain_files(folder):
-            st = f.stat()
-            h.update(f'{name}/{f.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}'.encode())
-    tok = Path(tokenizer_dir)
-    for f in sorted(tok.glob('tokenizer*')) + sorted(tok.glob('special_tokens_map.json')):
-        h.update(f.read_bytes())
-    h.update(f'{max_seq_len}:{eval_fraction}:{seed}'.encode())
+def file_hash(path: Path, algo: str = 'sha256') -> str:
+    """Hex digest of a file's content, read 1 MiB at a time."""
+    h = hashlib.new(algo)
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
     return h.hexdigest()
+
+
+def tokenizer_files(tokenizer_dir: str | os.PathLike) -> list[Path]:
+    tok = Path(tokenizer_dir)
+    return sorted(tok.glob('tokenizer*')) + sorted(tok.glob('special_tokens_map.json'))
+
+
+def describe_inputs(domains: dict[str, Path], tokenizer_dir: str | os.PathLike, max_seq_len: int,
+                    eval_fraction: float, seed: int) -> dict:
+    """What the output is a function of: the settings and the content hash of every input and tokenizer file."""
+    return {'max_seq_len': max_seq_len, 'eval_fraction': eval_fraction, 'seed': seed,
+            'files': {f'{name}/{f.relative_to(folder).as_posix()}': file_hash(f)
+                      for name, folder in sorted(domains.items()) for f in domain_files(folder)},
+            'tokenizer_files': {f.name: file_hash(f) for f in tokenizer_files(tokenizer_dir)}}
+
+
+def fingerprint(inputs: dict) -> str:
+    """One hash of `describe_inputs`."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """What changed between two `describe_inputs` (for the refusal message)."""
+    out = [f'{k} {old.get(k)} -> {new[k]}' for k in ('max_seq_len', 'eval_fraction', 'seed') if old.get(k) != new[k]]
+    for key, label in (('files', 'input'), ('tokenizer_files', 'tokenizer file')):
+        a, b = old.get(key) or {}, new[key]
+        out += [f'{label} {f} added' for f in sorted(set(b) - set(a))]
+        out += [f'{label} {f} gone' for f in sorted(set(a) - set(b))]
+        out += [f'{label} {f} changed' for f in sorted(set(a) & set(b)) if a[f] != b[f]]
+    return out
 
 
 def eval_documents(n_docs: int, eval_fraction: float, seed: int, domain: str) -> set[int]:
@@ -117,7 +170,8 @@ class Packer:
 
     def __init__(self, folder: Path, seq_len: int, dtype: str, size_limit: int) -> None:
         from streaming import MDSWriter
-        self.writer = MDSWriter(out=str(folder), columns={'tokens': f'ndarray:{dtype}'}, size_limit=size_limit)
+        self.writer = MDSWriter(out=str(folder), columns={'tokens': f'ndarray:{dtype}'}, size_limit=size_limit,
+                                hashes=[SHARD_HASH])
         self.seq_len, self.dtype = seq_len, dtype
         self.carry = np.zeros(0, dtype=dtype)
         self.documents = self.sequences = 0
@@ -150,51 +204,168 @@ def batches(texts: Iterable[str], max_chars: int = 1 << 18, max_docs: int = 256)
         yield batch
 
 
-def remove(folders: Iterable[str | os.PathLike]) -> None:
-    """Delete folders, ignoring missing ones."""
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
+def shard_problems(folder: Path, hashes: bool = True) -> list[str]:
+    """What is wrong with one MDS folder: its index unreadable, a shard missing, of the wrong size or (with
+    `hashes`) not matching the SHA-1 its index records. Empty when sound."""
+    index = folder / 'index.json'
+    try:
+        shards = json.loads(index.read_text())['shards']
+    except FileNotFoundError:
+        return [f'{index} is missing']
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f'{index} is unreadable ({e.__class__.__name__})']
+    problems = []
+    for shard in shards:
+        info = shard.get('raw_data') or {}
+        path = folder / str(info.get('basename'))
+        if not path.is_file():
+            problems.append(f'{path} is missing')
+        elif path.stat().st_size != info.get('bytes'):
+            problems.append(f'{path} has {path.stat().st_size} bytes, its index says {info.get("bytes")}')
+        elif hashes and SHARD_HASH in (info.get('hashes') or {}) \
+                and file_hash(path, SHARD_HASH) != info['hashes'][SHARD_HASH]:
+            problems.append(f'{path} is corrupt ({SHARD_HASH} differs from its index)')
+    return problems
+
+
+def read_manifest(out: Path) -> dict | None:
+    """The output's manifest if it is one this module wrote, else None."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get('format') == FORMAT else None
+
+
+def verify_data(out: str | os.PathLike, hashes: bool = True) -> list[str]:
+    """Check a prepare-data output: its manifest, every domain's splits against it, every shard's size and SHA-1
+    (`composer-shear verify-data`). Returns the problems found (empty when sound).
+
+    Example:
+        >>> problems = verify_data('data/rp')
+        >>> assert not problems, problems
+    """
+    out = Path(out)
+    if not (out / MANIFEST).is_file():
+        return [f'{out / MANIFEST} is missing: not a prepare-data output']
+    manifest = read_manifest(out)
+    if manifest is None:
+        return [f'{out / MANIFEST} is not a manifest of this version of prepare-data (re-run it with --overwrite)']
+    problems = []
+    for split in ('train', 'eval'):
+        present = {p.name for p in (out / split).iterdir() if p.is_dir()} if (out / split).is_dir() else set()
+        problems += [f'{out / split / d} is not in the manifest' for d in sorted(present - set(manifest['domains']))]
+        for domain in manifest['domains']:
+            problems += shard_problems(out / split / domain, hashes)
+    return problems
+
+
+def check_settings(out: Path, max_seq_len: int, eval_fraction: float) -> None:
+    """Argument errors, before anything is read or written."""
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
+        raise ValueError(f'prepare-data: --max-seq-len must be an integer of at least 2, got {max_seq_len!r}')
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f'prepare-data: --eval-fraction must be between 0 and 1 (exclusive), got {eval_fraction!r}')
+    if out.exists() and not out.is_dir():
+        raise ValueError(f'prepare-data: --out {out} exists and is not a folder')
+
+
+def check_length(tokenizer_dir: str | os.PathLike, max_seq_len: int) -> None:
+    """--max-seq-len within what the model beside the tokenizer (config.json) supports."""
+    try:
+        config = json.loads(Path(tokenizer_dir, 'config.json').read_text())
+    except (OSError, ValueError):
+        return  # a tokenizer alone: nothing to check against
+    limit = config.get('max_position_embeddings') if isinstance(config, dict) else None
+    if isinstance(limit, int) and max_seq_len > limit:
+        raise ValueError(f'prepare-data: --max-seq-len {max_seq_len} is longer than the model supports '
+                         f'(max_position_embeddings {limit} in {Path(tokenizer_dir, "config.json")})')
+
+
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """One prepare-data per output folder at a time (an advisory lock file beside it)."""
+    import fcntl
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f'.{out.name}.prepare-data.lock'
+    with open(lock, 'w') as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f'prepare-data: another prepare-data is writing {out} (lock {lock})') from None
+        yield
+
+
+def remove_stale_builds(out: Path) -> None:
+    """Temporary output folders of interrupted runs (this command's: they hold its marker file)."""
+    for tmp in out.parent.glob(f'.{out.name}.tmp-*'):
+        if tmp.is_dir() and (tmp / BUILDING).exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def prepare(inputs: str | os.PathLike | Iterable[str | os.PathLike], tokenizer_dir: str | os.PathLike,
             out: str | os.PathLike, max_seq_len: int, eval_fraction: float = 0.1, seed: int = 17,
-            progress: bool = True, shard_bytes: int = 1 << 26) -> dict:
+            progress: bool = True, shard_bytes: int = 1 << 26, overwrite: bool = False) -> dict:
     """Tokenize and pack every domain (see the module's docstring); returns the manifest. `shard_bytes`: MDS
-    shard size (streaming's default); a shard being written is held in memory."""
+    shard size (streaming's default); a shard being written is held in memory. `overwrite`: replace an output
+    prepared from other inputs or settings, or a damaged one.
+
+    Example:
+        >>> manifest = prepare('redpajama_sample', 'models/SmolLM2-135M', 'data/rp', max_seq_len=2048)
+    """
+    out = Path(out)
+    check_settings(out, max_seq_len, eval_fraction)
+    domains = find_domains(inputs)
+    check_length(tokenizer_dir, max_seq_len)
+    with locked(out):
+        described = describe_inputs(domains, tokenizer_dir, max_seq_len, eval_fraction, seed)
+        key = fingerprint(described)
+        old = read_manifest(out) if out.is_dir() else None
+        has_manifest = (out / MANIFEST).is_file()
+        if old is not None and old.get('fingerprint') == key:
+            problems = verify_data(out)
+            if not problems:
+                return old
+            if not overwrite:
+                raise ValueError(f'prepare-data: {out} is damaged ({problems[0]}'
+                                 f'{f"; {len(problems) - 1} more" if len(problems) > 1 else ""}): '
+                                 'pass --overwrite to rebuild it')
+        elif has_manifest and not overwrite:
+            changed = differences(old.get('inputs') or {}, described) if old else ['an older prepare-data version']
+            raise ValueError(f'prepare-data: {out} was prepared from other inputs or settings '
+                             f'({"; ".join(changed[:3])}{"; ..." if len(changed) > 3 else ""}): '
+                             'pass --overwrite to rebuild it, or choose another --out')
+        elif not has_manifest and out.is_dir() and any(out.iterdir()):
+            raise ValueError(f'prepare-data: {out} is not empty and is not a prepare-data output: refusing to '
+                             'write into it (choose another --out, or empty it)')
+        remove_stale_builds(out)
+        with atomic_dir(out, overwrite=True, marker=MANIFEST, mode=0o755) as tmp:
+            (tmp / BUILDING).touch()
+            manifest = build(domains, tokenizer_dir, tmp, max_seq_len, eval_fraction, seed, progress, shard_bytes)
+            manifest.update(fingerprint=key, inputs=described)
+            (tmp / BUILDING).unlink()
+            write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + '\n')
+    return manifest
+
+
+def build(domains: dict[str, Path], tokenizer_dir: str | os.PathLike, out: Path, max_seq_len: int,
+          eval_fraction: float, seed: int, progress: bool, shard_bytes: int) -> dict:
+    """Write every domain's train and eval MDS folders under `out` (a fresh folder); returns the manifest."""
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    domains = find_domains(inputs)
-    out = Path(out)
-    key = fingerprint(domains, tokenizer_dir, max_seq_len, eval_fraction, seed)
-    manifest_path = out / MANIFEST
-    if manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
-        if old.get('fingerprint') == key and all((out / s / d / 'index.json').exists()
-                                                  for s in ('train', 'eval') for d in domains):
-            return old
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    vocab = len(tok)
-    dtype = 'uint16' if vocab <= 1 << 16 else 'uint32'
+    tok.model_max_length = 1 << 60  # documents are packed here: their length is not the model's input length
+    dtype = 'uint16' if len(tok) <= 1 << 16 else 'uint32'
     prefix = [tok.bos_token_id] if tok.bos_token_id is not None else []
     suffix = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_path.unlink(missing_ok=True)
-    # temporary files of an interrupted run (of any process) are never renamed: remove them
-    for stale in [*out.glob(f'.{MANIFEST}.tmp-*'), *(p for s in ('train', 'eval') for p in (out / s).glob('.*.tmp-*'))]:
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
-    manifest = {'fingerprint': key, 'tokenizer': str(tokenizer_dir), 'max_seq_len': max_seq_len,
+    manifest = {'format': FORMAT, 'tokenizer': str(tokenizer_dir), 'max_seq_len': max_seq_len,
                 'dtype': dtype, 'eval_fraction': eval_fraction, 'seed': seed, 'domains': {}}
     for name, folder in tqdm(domains.items(), desc='domains', disable=not progress):
         files = domain_files(folder)
         n_docs = sum(1 for f in files for _ in read_texts(f))  # a first pass validates and counts
         held_out = eval_documents(n_docs, eval_fraction, seed, name)
-        tmp = {split: out / split / f'.{name}.tmp-{os.getpid()}' for split in ('train', 'eval')}
-        remove(tmp.values())
-        packers = {split: Packer(tmp[split], max_seq_len, dtype, shard_bytes) for split in tmp}
+        packers = {split: Packer(out / split / name, max_seq_len, dtype, shard_bytes) for split in ('train', 'eval')}
         texts = (t for f in files for t in read_texts(f))
         index = 0
         with tqdm(total=n_docs, desc=f'tokenize {name}', unit='doc', leave=False, disable=not progress) as bar:
@@ -208,12 +379,6 @@ def prepare(inputs: str | os.PathLike | Iterable[str | os.PathLike], tokenizer_d
         manifest['domains'][name] = {split: packer.close() for split, packer in packers.items()}
         for split in ('train', 'eval'):
             if manifest['domains'][name][split]['sequences'] == 0:
-                remove(tmp.values())
                 raise ValueError(f'prepare-data: domain {name!r} has too little text for one {split} sequence '
                                  f'of {max_seq_len} tokens')
-        for split in ('train', 'eval'):
-            final = out / split / name
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp[split], final)
-    write_text(manifest_path, json.dumps(manifest, indent=2) + '\n')
     return manifest

@@ -22,8 +22,10 @@ __all__ = ['eval_loss', 'reference_loss']
 
 
 def eval_loss(model: PreTrainedModel, local: str | os.PathLike, domain: str, max_seq_len: int, batch_size: int = 8,
-              max_batches: int | None = None, split: str = 'eval') -> tuple[float, int]:
-    """Token-weighted mean next-token CE of one domain's eval split, and the tokens scored."""
+              max_batches: int | None = None, split: str = 'eval', vocab_size: int | None = None) -> tuple[float, int]:
+    """Token-weighted mean next-token CE of one domain's eval split, and the tokens scored. With `vocab_size`, a
+    token id outside the model's vocabulary is an error naming the domain (data prepared with another
+    tokenizer)."""
     from streaming import LocalDataset  # no shared memory: StreamingDatasets made in a loop leak descriptors
     ds = LocalDataset(os.path.join(local, split, domain))
     total, count = 0.0, 0
@@ -34,6 +36,9 @@ def eval_loss(model: PreTrainedModel, local: str | os.PathLike, domain: str, max
                 break
             rows = [ds[i]['tokens'][:max_seq_len] for i in range(start, min(start + batch_size, len(ds)))]
             ids = torch.from_numpy(np.stack(rows).astype(np.int64)).to(model.device)
+            if vocab_size is not None and int(ids.max()) >= vocab_size:
+                raise ValueError(f'reference-loss: domain {domain!r} holds token id {int(ids.max())}, outside the '
+                                 f'model\'s vocabulary of {vocab_size} (was the data prepared with another tokenizer?)')
             logits = model(input_ids=ids).logits[:, :-1].float()
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                                      reduction='sum')
@@ -42,18 +47,49 @@ def eval_loss(model: PreTrainedModel, local: str | os.PathLike, domain: str, max
     return total / count, count
 
 
+def check_inputs(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
+                 max_batches: int | None, batch_size: int, device: str | None) -> dict:
+    """Every argument of `reference_loss` that can be checked before the model is loaded; returns the manifest."""
+    for value, flag in ((max_batches, '--max-batches'), (batch_size, '--batch-size')):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f'reference-loss: {flag} must be a positive integer, got {value!r}')
+    if not Path(model_dir, 'config.json').is_file():
+        raise FileNotFoundError(f'reference-loss: {model_dir} is not a Hugging Face model folder (no config.json)')
+    try:
+        manifest = json.loads(Path(data, 'manifest.json').read_text())
+        manifest['domains'], manifest['max_seq_len']
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FileNotFoundError(f'reference-loss: {data} is not a prepare-data output (no readable manifest.json: '
+                                f'{e.__class__.__name__})') from e
+    if Path(out).is_dir():
+        raise ValueError(f'reference-loss: --out {out} is a folder; give the JSON file to write')
+    if device is not None:
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as e:
+            raise ValueError(f'reference-loss: --device {device} is not usable here ({str(e).splitlines()[0]})') from e
+    return manifest
+
+
 def reference_loss(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
                    max_batches: int | None = None, batch_size: int = 8,
                    device: str | None = None, dtype: torch.dtype = torch.float32) -> dict:
     """Write `out` (JSON: per-domain losses and tokens scored) for `dynamic_loading`'s `reference_loss`.
     `device`: default cuda when there is one; the loss itself is always accumulated in fp32."""
-    from transformers import AutoModelForCausalLM
-    manifest = json.loads(Path(data, 'manifest.json').read_text())
+    from transformers import AutoConfig, AutoModelForCausalLM
+    manifest = check_inputs(model_dir, data, out, max_batches, batch_size, device)
+    config = AutoConfig.from_pretrained(model_dir)
+    limit = getattr(config, 'max_position_embeddings', None)
+    if limit is not None and manifest['max_seq_len'] > limit:
+        raise ValueError(f'reference-loss: {data} holds sequences of {manifest["max_seq_len"]} tokens, longer than '
+                         f'{model_dir} supports (max_position_embeddings {limit})')
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).to(device)
+    vocab = model.get_input_embeddings().num_embeddings
     losses, tokens = {}, {}
     for d in manifest['domains']:
-        losses[d], tokens[d] = eval_loss(model, data, d, manifest['max_seq_len'], batch_size, max_batches)
+        losses[d], tokens[d] = eval_loss(model, data, d, manifest['max_seq_len'], batch_size, max_batches,
+                                         vocab_size=vocab)
         log.info('reference loss of %s: %.4f over %d tokens', d, losses[d], tokens[d])
     result = {'model': str(model_dir), 'data': str(data), 'device': str(device),
               'dtype': str(dtype).removeprefix('torch.'), 'losses': losses, 'tokens': tokens}

@@ -24,10 +24,20 @@ def per_domain(values: ArrayLike | dict[str, Any], domains: Sequence[str], name:
     return [values[d] for d in domains]
 
 
+def numbers(values: Sequence[Any], name: str) -> np.ndarray:
+    """`values` as float64, each a real number (not a string or a bool), else an error naming `name`."""
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence | np.ndarray):
+        raise ConfigError(f'{name} must be a list of numbers (or a dict by domain), got {values!r}')
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating):
+            raise ConfigError(f'{name} must hold numbers, got {v!r} ({type(v).__name__})')
+    return np.asarray(list(values), dtype=np.float64)
+
+
 def check_proportions(proportions: ArrayLike | dict[str, float], domains: Sequence[str],
                       name: str = 'initial_proportions') -> np.ndarray:
     """Proportions as a float64 array, one per domain, non-negative and summing to 1 (+- 1e-6)."""
-    p = np.asarray(per_domain(proportions, domains, name), dtype=np.float64)
+    p = numbers(per_domain(proportions, domains, name), name)
     if p.shape != (len(domains),):
         raise ConfigError(f'{name} has {p.size} values for {len(domains)} domains {list(domains)}')
     if (p < 0).any() or not np.isfinite(p).all():
