@@ -13,7 +13,7 @@ from typing import Any
 
 from composer_shear.errors import ExportError
 
-__all__ = ['atomic_dir', 'atomic_file', 'checkpoint_saver', 'run_folder', 'write_text']
+__all__ = ['atomic_dir', 'atomic_file', 'check_replaceable', 'checkpoint_saver', 'run_folder', 'write_text']
 
 
 @contextlib.contextmanager
@@ -40,6 +40,16 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def check_replaceable(out: str | os.PathLike, overwrite: bool, marker: str | None = 'shape_report.json') -> None:
+    """Raise unless `out` is absent, or `overwrite` and `out` is an empty folder or one holding `marker` (what
+    `atomic_dir` may replace); call it before expensive work that ends in `atomic_dir`."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ExportError(f'{out} already exists (pass --overwrite to replace it)')
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (marker and (out / marker).exists()))):
+        raise ExportError(f'{out} is not empty and is not a composer-shear output: refusing to replace it')
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, overwrite: bool = False, marker: str | None = 'shape_report.json',
                mode: int | None = None) -> Iterator[Path]:
@@ -54,10 +64,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, marker: str | No
         ...     (tmp / 'config.json').write_text('{}')
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ExportError(f'{out} already exists (pass --overwrite to replace it)')
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (marker and (out / marker).exists()))):
-        raise ExportError(f'{out} is not empty and is not a composer-shear output: refusing to replace it')
+    check_replaceable(out, overwrite, marker)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
     try:

@@ -173,6 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.distill is not None and not 0 <= args.distill <= 1:
         p.error(f'--distill must be in [0, 1], got {args.distill}')
+    for flag in ('prune_steps', 'continue_steps', 'interval', 'eval_seqs', 'icl_limit'):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f'--{flag.replace("_", "-")} must be at least 1, got {value}')
 
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer

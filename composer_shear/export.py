@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from composer_shear._io import atomic_dir, atomic_file
+from composer_shear._io import atomic_dir, atomic_file, check_replaceable
 from composer_shear.errors import ExportError
 from composer_shear.masks import MASKS_ATTR, MaskSnapshot, ShearMasks, target_buffer, target_from_buffer
 from composer_shear.report import dumps, report_table, shape_report
@@ -247,6 +247,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, sou
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     if source is not None and not Path(source, 'config.json').exists():
         raise ExportError(f'--source {source} is not a Hugging Face model folder (no config.json)')
+    check_replaceable(out, overwrite, marker=REPORT_FILE)  # before the checkpoint is read
     model_sd, hf_meta = read_checkpoint(checkpoint, mmap=mmap)
     hf_sd, mask_sd = split_model_state(model_sd)
     tokenizer = generation = None

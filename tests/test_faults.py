@@ -62,6 +62,8 @@ CASES = [  # (arguments with {root}, what the one line must say)
      'prepared from other inputs or settings (max_seq_len 32 -> 16; eval_fraction 0.3 -> 0.1)'),
     ('export --checkpoint {root}/flipped.pt --out {root}/exported',
      'checkpoint {root}/flipped.pt is corrupt: record'),
+    ('export --checkpoint {root}/ckpt.pt --out {root}/a_folder',
+     '{root}/a_folder already exists (pass --overwrite to replace it)'),
     ('inspect {root}/truncated.safetensors', '{root}/truncated.safetensors is not a readable safetensors file'),
 ]
 if no_gpu():
@@ -85,3 +87,111 @@ def test_one_line_and_exit_2(setup, capsys, args, message):
         f'{command}: {command}:' not in err and message.format(root=root) in err, err
     after = {p: p.read_bytes() for p in root.rglob('*') if p.is_file() and not p.name.endswith('.lock')}
     assert after == {p: b for p, b in before.items() if not p.name.endswith('.lock')}  # nothing written or changed
+
+
+def test_demo_arguments_are_checked_first(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(['demo', '--prune-steps', '0', '--out', '/nonexistent/never-created'])
+    assert e.value.code == 2 and '--prune-steps must be at least 1, got 0' in capsys.readouterr().err
+
+
+KILL = """
+import os, signal, sys
+from composer_shear.data import prepare as p
+point, count = sys.argv[1], int(sys.argv[2])
+seen = [0]
+def kill_at(name, fn):
+    def wrapped(*a, **k):
+        seen[0] += 1
+        if seen[0] == count:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fn(*a, **k)
+    return wrapped
+if point == 'write':  # while shards are written
+    from streaming import MDSWriter
+    MDSWriter.write = kill_at('write', MDSWriter.write)
+else:  # while the finished output is renamed into place
+    import pathlib
+    pathlib.Path.rename = kill_at('rename', pathlib.Path.rename)
+p.prepare(sys.argv[3], sys.argv[4], sys.argv[5], 16, eval_fraction=0.3, progress=False, overwrite=True)
+"""
+
+
+def test_prepare_data_killed_anywhere_leaves_the_old_output_and_reruns_identically(tmp_path):
+    """SIGKILL at several points of a rebuild: the previous output stays byte for byte, and the next run gives
+    exactly the output of an uninterrupted run."""
+    import subprocess
+    import sys
+
+    from tests.test_prepare import snapshot
+    tiny_tokenizer().save_pretrained(tmp_path / 'tok')
+    raw = tmp_path / 'raw'
+    for d in ('a', 'b', 'c'):
+        (raw / d).mkdir(parents=True)
+        (raw / d / 'x.jsonl').write_text(''.join(json.dumps({'text': f'{d} text number {i} ' * 6}) + '\n'
+                                                 for i in range(300)))
+    out = tmp_path / 'out'
+    prepare(raw, tmp_path / 'tok', out, 16, eval_fraction=0.3, progress=False)
+    old = snapshot(out)
+    with open(raw / 'c' / 'x.jsonl', 'a') as f:  # new inputs: the runs below rebuild
+        f.write(json.dumps({'text': 'one more document ' * 5}) + '\n')
+    prepare(raw, tmp_path / 'tok', tmp_path / 'clean', 16, eval_fraction=0.3, progress=False)
+    for point, count in (('write', 1), ('write', 700), ('rename', 1), ('rename', 2)):
+        run = subprocess.run([sys.executable, '-c', KILL, point, str(count), raw, tmp_path / 'tok', out],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == -9, (point, count, run.stderr[-2000:])
+        if point == 'rename' and count == 2:  # died between moving the old output aside and the new one in:
+            assert not out.exists()  # the next run puts the old output back first (and then refuses, as it
+            with pytest.raises(ValueError, match='prepared from other inputs'):  # was made from other inputs)
+                prepare(raw, tmp_path / 'tok', out, 16, eval_fraction=0.3, progress=False)
+        assert snapshot(out) == old, (point, count)
+    prepare(raw, tmp_path / 'tok', out, 16, eval_fraction=0.3, progress=False, overwrite=True)
+    assert snapshot(out) == snapshot(tmp_path / 'clean')
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(('.out.tmp-', '.out.old-'))) == []
+
+
+EXPORT_KILL = """
+import os, signal, sys
+from composer_shear import export
+point = sys.argv[1]
+def die(*a, **k):
+    os.kill(os.getpid(), signal.SIGKILL)
+if point == 'masks':  # while the export folder is being written
+    export.save_file = die
+else:  # the finished folder about to be renamed into place
+    import pathlib
+    pathlib.Path.rename = die
+export.export_checkpoint(sys.argv[2], sys.argv[3], overwrite=True)
+"""
+
+
+def test_export_killed_leaves_no_partial_output_and_the_checkpoint_untouched(tmp_path):
+    import subprocess
+    import sys
+
+    from composer_shear.export import export_checkpoint
+    from tests.common.train_tiny import run
+    from tests.test_prepare import snapshot
+    run(tmp_path / 'train', steps=2, save_interval='2ba', eval_interval='2ba', warmup='1ba')
+    ckpt = tmp_path / 'train' / 'ckpt' / 'latest-rank0.pt'
+    before = ckpt.read_bytes()
+    out = tmp_path / 'pruned'
+    for point in ('masks', 'rename'):
+        res = subprocess.run([sys.executable, '-c', EXPORT_KILL, point, ckpt, out], capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == -9, (point, res.stderr[-2000:])
+        assert not out.exists() and ckpt.read_bytes() == before, point
+    export_checkpoint(ckpt, out)
+    export_checkpoint(ckpt, tmp_path / 'again')
+    assert ckpt.read_bytes() == before
+    a, b = snapshot(out), snapshot(tmp_path / 'again')
+    assert a.keys() == b.keys()
+    for name in a:  # the same export; safetensors orders its metadata at random: compare what it holds
+        assert contents(out / name) == contents(tmp_path / 'again' / name) if name.endswith('.safetensors') \
+            else a[name] == b[name], name
+
+
+def contents(path):
+    from safetensors import safe_open
+    with safe_open(str(path), 'pt') as f:
+        return f.metadata(), {k: f.get_tensor(k).tolist() for k in f.keys()}

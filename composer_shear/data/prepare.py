@@ -297,10 +297,17 @@ def locked(out: Path) -> Iterator[None]:
 
 
 def remove_stale_builds(out: Path) -> None:
-    """Temporary output folders of interrupted runs (this command's: they hold its marker file)."""
+    """What an interrupted run left beside `out`: its temporary folder (holding this command's marker file) and,
+    when it died between moving the old output aside and the new one in, the old output, which goes back."""
     for tmp in out.parent.glob(f'.{out.name}.tmp-*'):
-        if tmp.is_dir() and (tmp / BUILDING).exists():
+        if tmp.is_dir() and ((tmp / BUILDING).exists() or read_manifest(tmp) is not None):  # partial or finished
             shutil.rmtree(tmp, ignore_errors=True)
+    for old in sorted(out.parent.glob(f'.{out.name}.old-*')):
+        if old.is_dir() and read_manifest(old) is not None:
+            if out.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.rename(out)
 
 
 def prepare(inputs: str | os.PathLike | Iterable[str | os.PathLike], tokenizer_dir: str | os.PathLike,
@@ -318,6 +325,7 @@ def prepare(inputs: str | os.PathLike | Iterable[str | os.PathLike], tokenizer_d
     domains = find_domains(inputs)
     check_length(tokenizer_dir, max_seq_len)
     with locked(out):
+        remove_stale_builds(out)
         described = describe_inputs(domains, tokenizer_dir, max_seq_len, eval_fraction, seed)
         key = fingerprint(described)
         old = read_manifest(out) if out.is_dir() else None
@@ -338,7 +346,6 @@ def prepare(inputs: str | os.PathLike | Iterable[str | os.PathLike], tokenizer_d
         elif not has_manifest and out.is_dir() and any(out.iterdir()):
             raise ValueError(f'prepare-data: {out} is not empty and is not a prepare-data output: refusing to '
                              'write into it (choose another --out, or empty it)')
-        remove_stale_builds(out)
         with atomic_dir(out, overwrite=True, marker=MANIFEST, mode=0o755) as tmp:
             (tmp / BUILDING).touch()
             manifest = build(domains, tokenizer_dir, tmp, max_seq_len, eval_fraction, seed, progress, shard_bytes)
