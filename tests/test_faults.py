@@ -136,7 +136,7 @@ def test_prepare_data_killed_anywhere_leaves_the_old_output_and_reruns_identical
     with open(raw / 'c' / 'x.jsonl', 'a') as f:  # new inputs: the runs below rebuild
         f.write(json.dumps({'text': 'one more document ' * 5}) + '\n')
     prepare(raw, tmp_path / 'tok', tmp_path / 'clean', 16, eval_fraction=0.3, progress=False)
-    for point, count in (('write', 1), ('write', 700), ('rename', 1), ('rename', 2)):
+    for point, count in (('write', 700), ('rename', 1), ('rename', 2)):  # mid-write, then each rename
         run = subprocess.run([sys.executable, '-c', KILL, point, str(count), raw, tmp_path / 'tok', out],
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == -9, (point, count, run.stderr[-2000:])
