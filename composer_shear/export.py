@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from composer_shear._io import atomic_dir, atomic_file, check_replaceable
 from composer_shear.errors import ExportError
@@ -67,17 +67,14 @@ def masks_from_state(source: ModelShape, mask_sd: dict) -> ShearMasks:
 def load_masks_file(path: str | os.PathLike) -> ShearMasks:
     from safetensors import SafetensorError, safe_open
     try:
-        with safe_open(str(path), 'pt') as f:
+        with safe_open(str(path), 'pt') as f:  # a truncated file fails here, by name
             meta = f.metadata() or {}
-            names = list(f.keys())
-            for name in names:  # every tensor read once: a truncated file fails here, by name
-                f.get_tensor(name)
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError) as e:
         raise ExportError(f'{path} is not a readable safetensors file ({e})') from e
     if 'source' not in meta:
         raise ExportError(f'{path} has no source shape metadata; was it written by composer-shear?')
     source = ModelShape(**json.loads(meta['source']))
-    tensors = load_file(str(path))
     return masks_from_state(source, {k: v for k, v in tensors.items() if k.startswith(('log_alpha.', 'lambdas',
                                                                                           'target_shape',
                                                                                           'binary_values'))})

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from composer_shear._io import write_text
 from composer_shear.data.plan import Cursor, Plan, interval_samples, make_plan, worker_slice
+from composer_shear.data.prepare import SHARD_HASH, file_hash
 from composer_shear.data.weights import check_proportions
 from composer_shear.errors import ConfigError
 
@@ -127,6 +128,7 @@ class DynamicStreamingDataset(IterableDataset):
             if n == 0:
                 raise ValueError(f'dynamic_text: domain {d!r} is empty')
         self.max_seq_len = int(max_seq_len)
+        self._checked_shards: set[int] = set()  # per process: shards whose hash _check_shard has verified
         if remote is None:  # every sample of a domain has the length it was prepared at: check one of each
             for d, offset in zip(self.domains, self.offsets, strict=True):
                 width = len(self.store.get_item(offset)['tokens'])
@@ -238,14 +240,11 @@ class DynamicStreamingDataset(IterableDataset):
         ids = torch.from_numpy(np.asarray(tokens[:self.max_seq_len]).astype(np.int64))
         return {'input_ids': ids, 'domain': domain}
 
-
     def _check_shard(self, sample_id: int) -> None:
         """The first time this process reads a shard, its SHA-1 against the one its index records (prepare-data
         writes them): a corrupt shard fails here, naming its file, instead of yielding wrong tokens."""
-        from composer_shear.data.prepare import SHARD_HASH, file_hash
         shard_id, _ = self.store.spanner[sample_id]
-        checked = self.__dict__.setdefault('_checked_shards', set())
-        if shard_id in checked:
+        if shard_id in self._checked_shards:
             return
         reader = self.store.shards[shard_id]  # the global shard list (of all domains) in both stores
         expected = (reader.raw_data.hashes or {}).get(SHARD_HASH)
@@ -253,7 +252,7 @@ class DynamicStreamingDataset(IterableDataset):
         if expected is not None and file_hash(path, SHARD_HASH) != expected:
             raise ValueError(f'dynamic_text: shard {path} is corrupt ({SHARD_HASH} differs from its index.json; '
                              'run composer-shear verify-data, then prepare-data --overwrite)')
-        checked.add(shard_id)
+        self._checked_shards.add(shard_id)
 
 
 def collate(samples: list[dict]) -> dict:
@@ -282,12 +281,21 @@ def build_dynamic_text_dataloader(tokenizer: Any, device_batch_size: int, datase
                                   num_workers: int = 2, pin_memory: bool = False, prefetch_factor: int | None = 2,
                                   persistent_workers: bool = True, timeout: float = 0) -> DataSpec:
     """llm-foundry dataloader `dynamic_text`: returns a Composer DataSpec."""
-    from composer.core import DataSpec
     ds = DynamicStreamingDataset(device_batch_size=device_batch_size, **dataset)
-    loader = DynamicLoader(ds, batch_size=device_batch_size, collate_fn=collate, drop_last=drop_last,
-                           num_workers=num_workers, pin_memory=pin_memory,
-                           prefetch_factor=prefetch_factor if num_workers else None,
-                           persistent_workers=persistent_workers and num_workers > 0, timeout=timeout)
+    return data_spec(DynamicLoader, ds, device_batch_size, drop_last, num_workers, pin_memory, prefetch_factor,
+                     persistent_workers, timeout)
+
+
+def data_spec(loader_class: type[DataLoader], ds: IterableDataset, device_batch_size: int, drop_last: bool,
+              num_workers: int, pin_memory: bool, prefetch_factor: int | None, persistent_workers: bool,
+              timeout: float) -> DataSpec:
+    """The DataSpec of a loader over `ds` that batches with `collate` (worker-only options dropped without
+    workers) and counts the tokens of a batch from its attention mask."""
+    from composer.core import DataSpec
+    loader = loader_class(ds, batch_size=device_batch_size, collate_fn=collate, drop_last=drop_last,
+                          num_workers=num_workers, pin_memory=pin_memory,
+                          prefetch_factor=prefetch_factor if num_workers else None,
+                          persistent_workers=persistent_workers and num_workers > 0, timeout=timeout)
     return DataSpec(loader, get_num_tokens_in_batch=lambda b: int(b['attention_mask'].sum()))
 
 
@@ -306,17 +314,13 @@ def build_domain_eval_dataloader(tokenizer: Any, device_batch_size: int, dataset
         eval_loaders:
           - {label: cc, name: domain_eval, dataset: {local: data/rp, domain: cc, max_seq_len: 4096}}
     """
-    from composer.core import DataSpec
     unknown, missing = sorted(set(dataset) - set(EVAL_KEYS)), [k for k in EVAL_KEYS if k not in dataset]
     if unknown or missing:
         raise ConfigError(f'domain_eval: dataset.{(unknown or missing)[0]} is {"unknown" if unknown else "required"}'
                           f'; keys: {", ".join(EVAL_KEYS)}')
     ds = DomainEvalSet(str(dataset['local']), str(dataset['domain']), device_batch_size, int(dataset['max_seq_len']))
-    loader = DataLoader(ds, batch_size=device_batch_size, collate_fn=collate, drop_last=drop_last,
-                        num_workers=num_workers, pin_memory=pin_memory,
-                        prefetch_factor=prefetch_factor if num_workers else None,
-                        persistent_workers=persistent_workers and num_workers > 0, timeout=timeout)
-    return DataSpec(loader, get_num_tokens_in_batch=lambda b: int(b['attention_mask'].sum()))
+    return data_spec(DataLoader, ds, device_batch_size, drop_last, num_workers, pin_memory, prefetch_factor,
+                     persistent_workers, timeout)
 
 
 class DomainEvalSet(IterableDataset):

@@ -204,9 +204,9 @@ def batches(texts: Iterable[str], max_chars: int = 1 << 18, max_docs: int = 256)
         yield batch
 
 
-def shard_problems(folder: Path, hashes: bool = True) -> list[str]:
-    """What is wrong with one MDS folder: its index unreadable, a shard missing, of the wrong size or (with
-    `hashes`) not matching the SHA-1 its index records. Empty when sound."""
+def shard_problems(folder: Path) -> list[str]:
+    """What is wrong with one MDS folder: its index unreadable, a shard missing, of the wrong size or not
+    matching the SHA-1 its index records. Empty when sound."""
     index = folder / 'index.json'
     try:
         shards = json.loads(index.read_text())['shards']
@@ -222,8 +222,7 @@ def shard_problems(folder: Path, hashes: bool = True) -> list[str]:
             problems.append(f'{path} is missing')
         elif path.stat().st_size != info.get('bytes'):
             problems.append(f'{path} has {path.stat().st_size} bytes, its index says {info.get("bytes")}')
-        elif hashes and SHARD_HASH in (info.get('hashes') or {}) \
-                and file_hash(path, SHARD_HASH) != info['hashes'][SHARD_HASH]:
+        elif SHARD_HASH in (info.get('hashes') or {}) and file_hash(path, SHARD_HASH) != info['hashes'][SHARD_HASH]:
             problems.append(f'{path} is corrupt ({SHARD_HASH} differs from its index)')
     return problems
 
@@ -237,7 +236,7 @@ def read_manifest(out: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) and manifest.get('format') == FORMAT else None
 
 
-def verify_data(out: str | os.PathLike, hashes: bool = True) -> list[str]:
+def verify_data(out: str | os.PathLike) -> list[str]:
     """Check a prepare-data output: its manifest, every domain's splits against it, every shard's size and SHA-1
     (`composer-shear verify-data`). Returns the problems found (empty when sound).
 
@@ -256,7 +255,7 @@ def verify_data(out: str | os.PathLike, hashes: bool = True) -> list[str]:
         present = {p.name for p in (out / split).iterdir() if p.is_dir()} if (out / split).is_dir() else set()
         problems += [f'{out / split / d} is not in the manifest' for d in sorted(present - set(manifest['domains']))]
         for domain in manifest['domains']:
-            problems += shard_problems(out / split / domain, hashes)
+            problems += shard_problems(out / split / domain)
     return problems
 
 
