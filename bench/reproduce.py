@@ -58,6 +58,11 @@ ARMS = {
     'oneshot+kd': dict(prune='oneshot', dynamic=True, kd=True),
     'sheared+init': dict(prune='learned', dynamic=True, init=True),
     'sheared+init+kd': dict(prune='learned', dynamic=True, init=True, kd=True),
+    # the re-weighting rule with the source's losses as references (issue 13, item 3), on the cheapest pruned arm
+    'oneshot-constant': dict(prune='oneshot', dynamic=False),
+    'oneshot-damped': dict(prune='oneshot', dynamic=True, rule={'step_size': 0.3, 'max_weight': 0.5}),
+    'oneshot-relative': dict(prune='oneshot', dynamic=True,
+                             rule={'step_size': 0.3, 'max_weight': 0.5, 'excess': 'relative'}),
 }
 DEFAULT_SEED = 17  # the demo YAMLs' seed
 KD = {'alpha': 1.0, 'temperature': 1.0}  # distillation only, as Minitron retrains (the teacher is the source)
@@ -173,7 +178,8 @@ def run_arm(arm: str, seed: int, out: Path, b: dict, source: Path, data: Path, r
     folder = out / run_name(arm, seed)
     total = b['prune'] + b['cont']
     common = {'seed': seed, 'train_loader': {'dataset': {'seed': seed}},  # the seed also orders the data
-              'callbacks': {'dynamic_loading': {'update_type': 'doremi' if spec['dynamic'] else 'constant'}}}
+              'callbacks': {'dynamic_loading': {'update_type': 'doremi' if spec['dynamic'] else 'constant',
+                                                **spec.get('rule', {})}}}
     kd = {'algorithms': {'shear_distill': {**KD, 'teacher': str(source)}}} if spec.get('kd') else {}
     if spec['prune'] == 'learned':
         init = {'from': 'activations', 'batches': max(1, CALIBRATION_SEQS * len(DOMAINS) // b['batch'])}
