@@ -40,7 +40,10 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def check_replaceable(out: str | os.PathLike, overwrite: bool, marker: str | None = 'shape_report.json') -> None:
+REPORT_FILE = 'shape_report.json'  # an export's shape report; also marks a folder as this project's output
+
+
+def check_replaceable(out: str | os.PathLike, overwrite: bool, marker: str | None = REPORT_FILE) -> None:
     """Raise unless `out` is absent, or `overwrite` and `out` is an empty folder or one holding `marker` (what
     `atomic_dir` may replace); call it before expensive work that ends in `atomic_dir`."""
     out = Path(out)
@@ -51,7 +54,7 @@ def check_replaceable(out: str | os.PathLike, overwrite: bool, marker: str | Non
 
 
 @contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False, marker: str | None = 'shape_report.json',
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False, marker: str | None = REPORT_FILE,
                mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; it is renamed to `out` only if the block succeeds.
 

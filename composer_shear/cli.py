@@ -10,6 +10,8 @@ DTYPES = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
 
 
 def _export(args: argparse.Namespace) -> int:
+    from composer_shear.checks import check_export_args
+    check_export_args(args.checkpoint, args.out, args.source, args.overwrite)
     import torch
 
     from composer_shear.export import export_checkpoint
@@ -23,6 +25,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from composer_shear.checks import check_inspect_args
+    check_inspect_args(args.path, args.source)
     import torch
 
     from composer_shear.export import load_any_masks
@@ -57,6 +61,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _reference(args: argparse.Namespace) -> int:
+    from composer_shear.checks import check_reference_args
+    check_reference_args(args.model, args.data, args.out, args.max_batches, args.batch_size)
     import torch
 
     from composer_shear.data.reference import reference_loss
@@ -69,6 +75,7 @@ def _reference(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import tempfile
 
+    from composer_shear.checks import check_positive
     from composer_shear.errors import ConfigError
     from composer_shear.icl import load_tasks, results_table
     for folder in args.models:  # every input is checked before a model is loaded
@@ -76,8 +83,10 @@ def _eval(args: argparse.Namespace) -> int:
             raise ConfigError(f'{folder} is not a Hugging Face model folder (no config.json)')
     if args.out and Path(args.out).is_dir():
         raise ConfigError(f'--out {args.out} is a folder; give a file name (FILE.md and FILE.json are written)')
-    if args.batch_size < 1 or args.max_seq_len < 1:
-        raise ConfigError('--batch-size and --max-seq-len must be positive')
+    for flag in ('limit', 'batch_size', 'max_seq_len'):
+        check_positive(getattr(args, flag), '--' + flag.replace('_', '-'), 'eval')
+    if not Path(args.tasks).is_file():
+        raise ConfigError(f'--tasks {args.tasks} is not a file')
     with tempfile.TemporaryDirectory(prefix='composer_shear_tasks_') as work:
         tasks = load_tasks(args.tasks, args.limit, work)
         from composer_shear.icl import evaluate_models, write_results
@@ -92,6 +101,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _assets(args: argparse.Namespace) -> int:
     from composer_shear.assets import smollm2_dir
+    if args.cache_dir is not None and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        raise FileNotFoundError(f'--cache-dir {args.cache_dir} is a file, not a folder')
     print(smollm2_dir(args.cache_dir, args.dtype))
     return 0
 

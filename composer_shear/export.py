@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from composer_shear._io import atomic_dir, atomic_file, check_replaceable
+from composer_shear._io import REPORT_FILE, atomic_dir, atomic_file
+from composer_shear.checks import check_export_args, check_inspect_args
 from composer_shear.errors import ExportError
 from composer_shear.masks import MASKS_ATTR, MaskSnapshot, ShearMasks, target_buffer, target_from_buffer
 from composer_shear.report import dumps, report_table, shape_report
@@ -26,7 +27,6 @@ __all__ = ['ExportError', 'export_checkpoint', 'export_pruned', 'load_any_masks'
            'write_mask_report']
 
 MASKS_FILE = 'masks.safetensors'
-REPORT_FILE = 'shape_report.json'  # also marks a folder as this project's output
 HF_PREFIX = 'model.'  # the HF model's attribute on llm-foundry's / composer's HuggingFaceModel
 
 
@@ -242,9 +242,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, sou
     """`composer-shear export`: checkpoint -> HF folder. The config and tokenizer come from `source` (an HF
     folder) when given, else from the HF metadata Composer stores in the checkpoint."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-    if source is not None and not Path(source, 'config.json').exists():
-        raise ExportError(f'--source {source} is not a Hugging Face model folder (no config.json)')
-    check_replaceable(out, overwrite, marker=REPORT_FILE)  # before the checkpoint is read
+    check_export_args(checkpoint, out, source, overwrite)  # before the checkpoint is read
     model_sd, hf_meta = read_checkpoint(checkpoint, mmap=mmap)
     hf_sd, mask_sd = split_model_state(model_sd)
     tokenizer = generation = None
@@ -266,6 +264,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, sou
 
 def load_any_masks(path: str | os.PathLike, source: str | None = None) -> ShearMasks:
     """Masks from a masks.safetensors file, an exported folder, or a Composer checkpoint."""
+    check_inspect_args(path, source)
     path = Path(path)
     if path.is_dir() and (path / MASKS_FILE).exists():
         path = path / MASKS_FILE

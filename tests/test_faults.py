@@ -37,42 +37,52 @@ def no_gpu():
     return not torch.cuda.is_available()
 
 
-CASES = [  # (arguments with {root}, what the one line must say)
+# (arguments with {root}, what the one line must say, answered before torch is imported)
+CASES = [
     ('reference-loss --model {root}/model --data {root}/data --out {root}/r.json --max-batches 0',
-     '--max-batches must be a positive integer, got 0'),
+     '--max-batches must be a positive integer, got 0', True),
     ('reference-loss --model {root}/model --data {root}/data --out {root}/r.json --batch-size 0',
-     '--batch-size must be a positive integer, got 0'),
+     '--batch-size must be a positive integer, got 0', True),
     ('reference-loss --model {root}/model --data {root}/data --out {root}/a_folder',
-     '--out {root}/a_folder is a folder'),
+     '--out {root}/a_folder is a folder', True),
     ('reference-loss --model {root}/model --data {root}/raw --out {root}/r.json',
-     '{root}/raw is not a prepare-data output'),
+     '{root}/raw is not a prepare-data output', True),
     ('reference-loss --model {root}/tok --data {root}/data --out {root}/r.json',
-     '{root}/tok is not a Hugging Face model folder'),
+     '--model {root}/tok is not a Hugging Face model folder', True),
     ('reference-loss --model {root}/small_vocab --data {root}/data --out {root}/r.json',
-     "outside the model's vocabulary of 50"),
+     "outside the model's vocabulary of 50", False),
     ('reference-loss --model {root}/short --data {root}/data --out {root}/r.json',
-     'holds sequences of 32 tokens, longer than {root}/short supports (max_position_embeddings 16)'),
+     'holds sequences of 32 tokens, longer than {root}/short supports (max_position_embeddings 16)', False),
     ('prepare-data --input {root}/raw --tokenizer {root}/tok --out {root}/p --max-seq-len -3',
-     '--max-seq-len must be an integer of at least 2, got -3'),
+     '--max-seq-len must be an integer of at least 2, got -3', True),
     ('prepare-data --input {root}/raw --tokenizer {root}/tok --out {root}/p --max-seq-len 8 --eval-fraction 1',
-     '--eval-fraction must be between 0 and 1'),
+     '--eval-fraction must be between 0 and 1', True),
     ('prepare-data --input {root}/raw --tokenizer {root}/tok --out {root}/ckpt.pt --max-seq-len 8',
-     '--out {root}/ckpt.pt exists and is not a folder'),
+     '--out {root}/ckpt.pt exists and is not a folder', True),
     ('prepare-data --input {root}/raw --tokenizer {root}/tok --out {root}/data --max-seq-len 16',
-     'prepared from other inputs or settings (max_seq_len 32 -> 16; eval_fraction 0.3 -> 0.1)'),
+     'prepared from other inputs or settings (max_seq_len 32 -> 16; eval_fraction 0.3 -> 0.1)', True),
     ('export --checkpoint {root}/flipped.pt --out {root}/exported',
-     'checkpoint {root}/flipped.pt is corrupt: record'),
+     'checkpoint {root}/flipped.pt is corrupt: record', False),
     ('export --checkpoint {root}/ckpt.pt --out {root}/a_folder',
-     '{root}/a_folder already exists (pass --overwrite to replace it)'),
-    ('inspect {root}/truncated.safetensors', '{root}/truncated.safetensors is not a readable safetensors file'),
+     '{root}/a_folder already exists (pass --overwrite to replace it)', True),
+    ('export --checkpoint {root}/missing.pt --out {root}/exported', 'checkpoint {root}/missing.pt does not exist', True),
+    ('export --checkpoint {root}/ckpt.pt --out {root}/exported --source {root}/tok',
+     '--source {root}/tok is not a Hugging Face model folder', True),
+    ('inspect {root}/truncated.safetensors', '{root}/truncated.safetensors is not a readable safetensors file', False),
+    ('inspect {root}/missing.pt', '{root}/missing.pt does not exist', True),
+    ('eval {root}/model --limit 0', '--limit must be a positive integer, got 0', True),
+    ('eval {root}/model --tasks {root}/missing.yaml', '--tasks {root}/missing.yaml is not a file', True),
+    ('eval {root}/tok', '{root}/tok is not a Hugging Face model folder', True),
+    ('assets --cache-dir {root}/ckpt.pt', '--cache-dir {root}/ckpt.pt is a file, not a folder', True),
+    ('verify-data {root}/missing', '{root}/missing is not a folder', True),
 ]
 if no_gpu():
     CASES.append(('reference-loss --model {root}/model --data {root}/data --out {root}/r.json --device cuda',
-                  '--device cuda is not usable here'))
+                  '--device cuda is not usable here', False))
 
 
-@pytest.mark.parametrize('args, message', CASES, ids=[c[0].split()[0] + ':' + c[1][:30] for c in CASES])
-def test_one_line_and_exit_2(setup, capsys, args, message):
+@pytest.mark.parametrize('args, message, light', CASES, ids=[c[0].split()[0] + ':' + c[1][:30] for c in CASES])
+def test_one_line_and_exit_2(setup, capsys, args, message, light):
     root = setup
     from safetensors.torch import save_file
     if 'truncated' in args and not (root / 'truncated.safetensors').exists():
@@ -87,6 +97,30 @@ def test_one_line_and_exit_2(setup, capsys, args, message):
         f'{command}: {command}:' not in err and message.format(root=root) in err, err
     after = {p: p.read_bytes() for p in root.rglob('*') if p.is_file() and not p.name.endswith('.lock')}
     assert after == {p: b for p, b in before.items() if not p.name.endswith('.lock')}  # nothing written or changed
+
+
+PROBE = """
+import json, sys, time
+from composer_shear.cli import main
+for args in json.loads(sys.argv[1]):
+    start = time.perf_counter()
+    rc = main(args)
+    print(json.dumps([args[0], rc, 'torch' in sys.modules, time.perf_counter() - start]), flush=True)
+"""
+
+
+def test_mistakes_are_answered_before_torch_is_imported(setup):
+    """The argument checks run before the heavy imports: in a fresh interpreter every light row exits 2 without
+    importing torch, each in well under a second (importing torch alone takes seconds here)."""
+    import subprocess
+    import sys
+    rows = [args.format(root=setup).split() for args, _, light in CASES if light]
+    res = subprocess.run([sys.executable, '-c', PROBE, json.dumps(rows)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    answers = [json.loads(line) for line in res.stdout.splitlines()]
+    assert len(answers) == len(rows) and res.stderr.count('\n') == len(rows), res.stderr
+    for (command, rc, torch_imported, seconds), args in zip(answers, rows):
+        assert rc == 2 and not torch_imported and seconds < 1.0, (args, rc, torch_imported, seconds)
 
 
 def test_demo_arguments_are_checked_first(capsys):

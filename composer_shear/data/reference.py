@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from composer_shear._io import write_text
+from composer_shear.checks import check_reference_args
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -50,19 +51,7 @@ def eval_loss(model: PreTrainedModel, local: str | os.PathLike, domain: str, max
 def check_inputs(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
                  max_batches: int | None, batch_size: int, device: str | None) -> dict:
     """Every argument of `reference_loss` that can be checked before the model is loaded; returns the manifest."""
-    for value, flag in ((max_batches, '--max-batches'), (batch_size, '--batch-size')):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f'reference-loss: {flag} must be a positive integer, got {value!r}')
-    if not Path(model_dir, 'config.json').is_file():
-        raise FileNotFoundError(f'reference-loss: {model_dir} is not a Hugging Face model folder (no config.json)')
-    try:
-        manifest = json.loads(Path(data, 'manifest.json').read_text())
-        manifest['domains'], manifest['max_seq_len']
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise FileNotFoundError(f'reference-loss: {data} is not a prepare-data output (no readable manifest.json: '
-                                f'{e.__class__.__name__})') from e
-    if Path(out).is_dir():
-        raise ValueError(f'reference-loss: --out {out} is a folder; give the JSON file to write')
+    manifest = check_reference_args(model_dir, data, out, max_batches, batch_size)
     if device is not None:
         try:
             torch.empty(0, device=device)
