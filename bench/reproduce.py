@@ -170,6 +170,16 @@ def run_name(arm: str, seed: int) -> str:
     return arm if seed == DEFAULT_SEED else f'{arm}@s{seed}'
 
 
+def arm_overrides(arm: str, seed: int, source: Path) -> tuple[dict, dict]:
+    """The YAML overrides an arm adds to both stages: seed, re-weighting rule; and distillation (empty if none)."""
+    spec = ARMS[arm]
+    common = {'seed': seed, 'train_loader': {'dataset': {'seed': seed}},  # the seed also orders the data
+              'callbacks': {'dynamic_loading': {'update_type': 'doremi' if spec['dynamic'] else 'constant',
+                                                **spec.get('rule', {})}}}
+    kd = {'algorithms': {'shear_distill': {**KD, 'teacher': str(source)}}} if spec.get('kd') else {}
+    return common, kd
+
+
 def run_arm(arm: str, seed: int, out: Path, b: dict, source: Path, data: Path, ref: Path, target: dict) -> dict:
     """Train one arm with one seed end to end; returns its stages, final per-domain eval and model folder."""
     from composer_shear.export import export_checkpoint
@@ -177,10 +187,7 @@ def run_arm(arm: str, seed: int, out: Path, b: dict, source: Path, data: Path, r
     a = {'arm': arm, 'seed': seed, 'stages': {}}
     folder = out / run_name(arm, seed)
     total = b['prune'] + b['cont']
-    common = {'seed': seed, 'train_loader': {'dataset': {'seed': seed}},  # the seed also orders the data
-              'callbacks': {'dynamic_loading': {'update_type': 'doremi' if spec['dynamic'] else 'constant',
-                                                **spec.get('rule', {})}}}
-    kd = {'algorithms': {'shear_distill': {**KD, 'teacher': str(source)}}} if spec.get('kd') else {}
+    common, kd = arm_overrides(arm, seed, source)
     if spec['prune'] == 'learned':
         init = {'from': 'activations', 'batches': max(1, CALIBRATION_SEQS * len(DOMAINS) // b['batch'])}
         pruning = {'target': target, **({'init': init} if spec.get('init') else {})}

@@ -65,7 +65,8 @@ CASES = [
      'checkpoint {root}/flipped.pt is corrupt: record', False),
     ('export --checkpoint {root}/ckpt.pt --out {root}/a_folder',
      '{root}/a_folder already exists (pass --overwrite to replace it)', True),
-    ('export --checkpoint {root}/missing.pt --out {root}/exported', 'checkpoint {root}/missing.pt does not exist', True),
+    ('export --checkpoint {root}/missing.pt --out {root}/exported',
+     'checkpoint {root}/missing.pt does not exist', True),
     ('export --checkpoint {root}/ckpt.pt --out {root}/exported --source {root}/tok',
      '--source {root}/tok is not a Hugging Face model folder', True),
     ('inspect {root}/truncated.safetensors', '{root}/truncated.safetensors is not a readable safetensors file', False),
@@ -119,7 +120,7 @@ def test_mistakes_are_answered_before_torch_is_imported(setup):
     assert res.returncode == 0, res.stderr[-3000:]
     answers = [json.loads(line) for line in res.stdout.splitlines()]
     assert len(answers) == len(rows) and res.stderr.count('\n') == len(rows), res.stderr
-    for (command, rc, torch_imported, seconds), args in zip(answers, rows):
+    for (_, rc, torch_imported, seconds), args in zip(answers, rows, strict=True):
         assert rc == 2 and not torch_imported and seconds < 1.0, (args, rc, torch_imported, seconds)
 
 

@@ -2,6 +2,7 @@
 every option (learned masks with init + distillation + dynamic loading, one-shot + distillation, scratch)
 train, the table, the claims and the plots come out; a rerun reuses them and adds a seed."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -12,11 +13,30 @@ from omegaconf import OmegaConf
 
 from composer_shear.testing import TARGET, save_tiny, write_sums_task
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
 SAMPLE = ROOT / 'data' / 'redpajama_sample'
 
 
+def test_rule_arms_configure_dynamic_loading():
+    """The re-weighting arms pass their rule to dynamic_loading, and the callback accepts it."""
+    from composer_shear.data.callback import DynamicLoading
+    spec = importlib.util.spec_from_file_location('reproduce', ROOT / 'bench' / 'reproduce.py')
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    expected = {'oneshot': {'update_type': 'doremi'}, 'oneshot-constant': {'update_type': 'constant'},
+                'oneshot-damped': {'update_type': 'doremi', 'step_size': 0.3, 'max_weight': 0.5},
+                'oneshot-relative': {'update_type': 'doremi', 'step_size': 0.3, 'max_weight': 0.5,
+                                     'excess': 'relative'}}
+    for arm, rule in expected.items():
+        common, kd = reproduce.arm_overrides(arm, 18, Path('src'))
+        assert common['callbacks']['dynamic_loading'] == rule and common['seed'] == 18 and kd == {}, arm
+        cb = DynamicLoading(domains=reproduce.DOMAINS, initial_proportions=reproduce.RP_MIX,
+                            reference_loss=[2.0] * 7, **rule)
+        assert (cb.step_size, cb.max_weight) == (rule.get('step_size', 1.0), rule.get('max_weight')), arm
+    assert reproduce.arm_overrides('oneshot+kd', 17, Path('src'))[1]['algorithms']['shear_distill']['teacher'] == 'src'
+
+
+@pytest.mark.slow
 def test_reproduce_tiny_budget(tmp_path):
     for domain in sorted(p for p in SAMPLE.iterdir() if p.is_dir()):
         docs = []

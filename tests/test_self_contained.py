@@ -97,7 +97,8 @@ def test_a_copy_of_the_tracked_files_works_alone(tmp_path):
                            cwd=copy, env=env, capture_output=True, text=True, timeout=300)
     assert where.returncode == 0, where.stderr[-3000:]
     assert Path(where.stdout.strip()).resolve().is_relative_to(copy.resolve()), where.stdout
-    tests = ['tests/test_redpajama.py', 'tests/test_equivalence.py',
+    tests = ['tests/test_redpajama.py', 'tests/test_equivalence.py::test_init_masks_export_to_target',  # data, model
+             'tests/test_equivalence.py::test_mask_values_travel_with_the_masks',
              'tests/test_self_contained.py::test_shipped_icl_tasks_parse']
     res = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', *tests], cwd=copy,
                          env=env, capture_output=True, text=True, timeout=1200)

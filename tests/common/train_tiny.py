@@ -44,7 +44,7 @@ class LossLog(Callback):
 def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_interval='40ba', autoresume=False,
         model_dir=None, load_path=None, batch=4, target=None, modules=None, eval_interval='40ba', schedule='cosine',
         loggers=(), sleep=0.0, prune=True, distill=None, distill_first=False, mask_lr_schedule='model', callbacks=(),
-        multiplier_update='adam', train_loader=None):
+        multiplier_update='adam', train_loader=None, also_full=False):
     out = Path(out)
     dist.initialize_dist(DeviceCPU())
     if model_dir is None:
@@ -80,6 +80,9 @@ def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_i
         schedulers=CosineAnnealingScheduler(alpha_f=0.0) if schedule == 'cosine' else None)
     trainer.fit()
     rank = dist.get_global_rank()
+    if also_full and trainer.state.fsdp_state_dict_type == 'sharded':  # the same state, also as one whole file
+        trainer.state.fsdp_config.state_dict_type = 'full'
+        trainer.save_checkpoint(str(out / 'ckpt' / 'whole-rank{rank}.pt'))
     snap = None
     if prune:
         with torch.no_grad():
