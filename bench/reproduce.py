@@ -63,6 +63,8 @@ ARMS = {
     'oneshot-damped': dict(prune='oneshot', dynamic=True, rule={'step_size': 0.3, 'max_weight': 0.5}),
     'oneshot-relative': dict(prune='oneshot', dynamic=True,
                              rule={'step_size': 0.3, 'max_weight': 0.5, 'excess': 'relative'}),
+    # the masks and multipliers at lag_lr from step 1 instead of following the warm-up + cosine (item 5)
+    'sheared+init-lrconst': dict(prune='learned', dynamic=True, init=True, pruning={'mask_lr_schedule': 'constant'}),
 }
 DEFAULT_SEED = 17  # the demo YAMLs' seed
 KD = {'alpha': 1.0, 'temperature': 1.0}  # distillation only, as Minitron retrains (the teacher is the source)
@@ -190,7 +192,7 @@ def run_arm(arm: str, seed: int, out: Path, b: dict, source: Path, data: Path, r
     common, kd = arm_overrides(arm, seed, source)
     if spec['prune'] == 'learned':
         init = {'from': 'activations', 'batches': max(1, CALIBRATION_SEQS * len(DOMAINS) // b['batch'])}
-        pruning = {'target': target, **({'init': init} if spec.get('init') else {})}
+        pruning = {'target': target, **({'init': init} if spec.get('init') else {}), **spec.get('pruning', {})}
         cfg = stage_cfg('prune', b, folder / 'prune', source, data, ref, RP_MIX, b['prune'],
                         OmegaConf.merge(common, kd, {'algorithms': {'shear_pruning': pruning}}))
         a['stages']['prune'] = run_stage(cfg, folder / 'prune')
