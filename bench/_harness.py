@@ -21,17 +21,24 @@ MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': str(1 << 20)}
 
 
 class StepTimer(Callback):
-    """perf_counter() at BATCH_START and BATCH_END of every training step."""
+    """perf_counter() at BATCH_START and BATCH_END of every training step (`sync`: after waiting for the GPU)."""
 
-    def __init__(self):
+    def __init__(self, sync: bool = False):
         self.times: list[float] = []
         self._start = None
+        self.sync = sync
+
+    def _now(self) -> float:
+        if self.sync:
+            import torch
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     def batch_start(self, state, logger):
-        self._start = time.perf_counter()
+        self._start = self._now()
 
     def batch_end(self, state, logger):
-        self.times.append(time.perf_counter() - self._start)
+        self.times.append(self._now() - self._start)
 
 
 def fmt_ms(seconds: float) -> str:

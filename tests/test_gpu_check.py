@@ -1,0 +1,74 @@
+"""bench/gpu_check.py: without CUDA it says so and exits 0; its argument checks, table and ratio; and with --cpu
+the whole check (equivalence, FSDP2 training of three arms, sharded export = masked model, the commands) runs on
+a tiny model, so no code path of the GPU check is untested on a CPU-only machine."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / 'bench' / 'gpu_check.py'
+
+
+def load():
+    spec = importlib.util.spec_from_file_location('gpu_check', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_arguments_table_and_ratio(capsys):
+    gc = load()
+    args = gc.parse_args(['--cpu'])
+    assert (args.batch, args.seq, args.fsdp) == (4, 32, ['2'])
+    args = gc.parse_args([])
+    assert (args.batch, args.seq, args.fsdp) == (16, 2048, ['1', '2'])
+    for bad, message in ((['--cpu', '--fsdp', '1'], '1 needs CUDA'), (['--steps', '0'], '--steps must be at least 1'),
+                         (['--fsdp', '3'], 'choose from 1 and 2')):
+        with pytest.raises(SystemExit) as e:
+            gc.parse_args(bad)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    table = gc.format_table([{'check': 'a', 'setting': 'b', 'result': 'c', 'ok': True},
+                             {'check': 'd', 'setting': 'e', 'result': 'f', 'ok': False},
+                             {'check': 'g', 'setting': 'h', 'result': 'i', 'ok': None}])
+    assert table.splitlines() == ['| check | setting | result | ok |', '|---|---|---|---|', '| a | b | c | yes |',
+                                  '| d | e | f | **NO** |', '| g | h | i | - |']
+    results = {'2': {'tokens_per_s': {'plain': 200.0, 'pruned': 150.0}},
+               '1': {'tokens_per_s': {'plain': 100.0, 'pruned': 90.0}}}
+    assert gc.throughput_ratio(results) == ('1', 0.9)  # FSDP1 first, the paper's setting
+    assert gc.throughput_ratio({'2': results['2']}) == ('2', 0.75) and gc.throughput_ratio({}) is None
+    assert gc.peak_flops('NVIDIA H200') == 989e12 and gc.peak_flops('Some GPU') is None
+
+
+def test_flops_per_token_counts_smollm2_parameters():
+    from transformers import LlamaConfig
+    gc = load()
+    config = LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
+    # SmolLM2-135M has 134,515,008 parameters, 61 x 576 of them in RMSNorm weights (not counted: no matmul)
+    assert gc.flops_per_token(config, 0) == 6 * (134_515_008 - 61 * 576)
+    assert gc.flops_per_token(config, 2048) - gc.flops_per_token(config, 0) == 12 * 30 * 9 * 64 * 2048
+
+
+@pytest.mark.skipif(__import__('torch').cuda.is_available(), reason='a CUDA machine runs the real check')
+def test_without_cuda_it_says_so_and_exits_0():
+    res = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and 'no CUDA device here, nothing to check' in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_the_whole_check_on_cpu(tmp_path):
+    res = subprocess.run([sys.executable, str(SCRIPT), '--cpu', '--out', str(tmp_path), '--warmup', '1',
+                          '--rounds', '2', '--steps', '1'], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert lines[-2] == 'checks failed: 0 of 6' and lines[-1].startswith('pruning_throughput_ratio: ')
+    assert 0 < float(lines[-1].split()[-1]) < 10
+    rows = [line for line in lines if line.startswith('| ')]
+    for check in ('masked = exported | float32', 'masked = exported | bfloat16', 'FSDP2 training throughput | plain',
+                  'FSDP2 training throughput | pruned+kd', 'sharded FSDP2 checkpoint exports = masked model',
+                  'composer-shear reference-loss', 'composer-shear eval'):
+        assert any(check in r for r in rows), check
+    assert (tmp_path / 'fsdp2' / 'export' / 'config.json').exists()  # the sharded checkpoint's export
