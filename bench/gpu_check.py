@@ -39,6 +39,11 @@ ARMS = ('plain', 'pruned', 'pruned+kd')
 # dense bf16 peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name() (vendor data sheets)
 PEAK_BF16 = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12, 'A10G': 125e12, 'L4': 121e12}
 TOLERANCE_FP32 = 1e-4  # the CPU tests' tolerance for masked vs exported logits
+# --big: a random LLaMA-shaped model of 1.1B parameters (TinyLlama's shape) and a target of about half
+BIG = dict(num_hidden_layers=22, hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=64,
+           intermediate_size=5632, vocab_size=32000)
+BIG_TARGET = dict(num_hidden_layers=16, hidden_size=1536, num_attention_heads=24, num_key_value_heads=4,
+                  intermediate_size=4096)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--rounds', type=int, default=4, help='timed rounds (the arm order alternates per round)')
     p.add_argument('--steps', type=int, default=5, help='timed steps per arm per round')
     p.add_argument('--fsdp', default=None, help='comma-separated FSDP versions to run (default 1,2; 2 with --cpu)')
+    p.add_argument('--big', action='store_true', help='also time plain vs pruned on a random 1.1B LLaMA-shaped model')
     p.add_argument('--worker', help=argparse.SUPPRESS)  # a launched rank: the JSON of its settings
     args = p.parse_args(argv)
     for name in ('gpus', 'batch', 'seq', 'warmup', 'rounds', 'steps'):
@@ -213,14 +219,14 @@ def worker(settings: dict) -> None:
         trainer.close()
 
 
-def launch(version: str, model_dir: Path, work: Path, args, target: dict) -> dict:
+def launch(version: str, model_dir: Path, work: Path, args, target: dict, arms=ARMS, label: str = '') -> dict:
     """Run the worker on `args.gpus` ranks with FSDP `version`; returns its result."""
-    out = work / f'fsdp{version}'
+    out = work / f'fsdp{version}{label}'
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     settings = {'out': str(out), 'model': str(model_dir), 'target': target, 'fsdp': version,
                 'device': 'cpu' if args.cpu else 'gpu', 'batch': args.batch, 'seq': args.seq,
-                'warmup': args.warmup, 'rounds': args.rounds, 'steps': args.steps, 'arms': list(ARMS)}
+                'warmup': args.warmup, 'rounds': args.rounds, 'steps': args.steps, 'arms': list(arms)}
     composer = Path(sys.executable).with_name('composer')
     cmd = [str(composer), '-n', str(args.gpus), __file__, '--worker', json.dumps(settings)]
     env = {**os.environ, 'FSDP_VERSION': version, 'PYTHONPATH': os.pathsep.join(
@@ -232,16 +238,15 @@ def launch(version: str, model_dir: Path, work: Path, args, target: dict) -> dic
     result = json.loads((out / 'result.json').read_text())
     result['wall_s'] = time.perf_counter() - start
     tokens = args.batch * args.seq * result['world']
-    result['tokens_per_s'] = {arm: tokens / statistics.median(t[args.warmup:] or t)
-                              for arm, t in result['times'].items()}
+    result['tokens_per_s'] = {arm: tokens / statistics.median(t) for arm, t in result['times'].items()}
     return result
 
 
-def sharded_export(version: str, work: Path, model_dir: Path) -> dict:
-    """Export the pruned arm's sharded checkpoint; its logits against the masked model's."""
+def sharded_export(version: str, out: Path, model_dir: Path) -> dict:
+    """Export the pruned arm's sharded checkpoint (in `out`, its launch's folder); its logits against the masked
+    model's."""
     import torch
     from transformers import AutoModelForCausalLM
-    out = work / f'fsdp{version}'
     ckpts = sorted(p for p in (out / 'ckpt').iterdir()
                    if p.is_dir() and not p.is_symlink() and (p / '.metadata').exists())
     if not ckpts:
@@ -311,6 +316,33 @@ def commands(model_dir: Path, work: Path, args) -> list[dict]:
     return rows
 
 
+def training(version: str, model_dir: Path, work: Path, args, target: dict, name: str, results: dict,
+             arms=ARMS, label: str = '') -> list[dict]:
+    """One launch: its throughput rows, memory and the sharded export's check (results[version] = its result)."""
+    from transformers import AutoConfig
+    what = f'FSDP{version}' + (f' {label.strip("-")}' if label else '')
+    print(f'training, {what} ...', flush=True)
+    try:
+        results[version] = r = launch(version, model_dir, work, args, target, arms, label)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        return [{'check': f'{what} training', 'setting': 'launch', 'result': str(e)[-300:].replace('\n', ' '),
+                 'ok': False}]
+    per_token = flops_per_token(AutoConfig.from_pretrained(model_dir), args.seq)
+    peak = None if args.cpu else peak_flops(name)
+    rows = []
+    for arm in arms:
+        tps = r['tokens_per_s'][arm]
+        mfu = f', MFU {tps * per_token / (peak * r["world"]):.1%}' if peak else ''
+        ratio = f', x{tps / r["tokens_per_s"]["plain"]:.3f} of plain' if arm != 'plain' else ''
+        rows.append({'check': f'{what} training throughput', 'setting': arm,
+                     'result': f'{tps:,.0f} tokens/s{ratio}{mfu}', 'ok': None})
+    if 'peak_memory_gib' in r:
+        rows.append({'check': f'{what} training', 'setting': 'peak GPU memory, rank 0',
+                     'result': f'{r["peak_memory_gib"]:.1f} GiB ({r["wall_s"]:.0f} s launch to end)', 'ok': None})
+    rows.append(sharded_export(version, work / f'fsdp{version}{label}', model_dir))
+    return rows
+
+
 # main -----------------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,26 +375,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = equivalence(model_dir, work, device, target)
     results = {}
     for version in args.fsdp:
-        print(f'training, FSDP{version} ...', flush=True)
-        try:
-            results[version] = r = launch(version, model_dir, work, args, target)
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
-            rows.append({'check': f'FSDP{version} training', 'setting': 'launch', 'result': str(e)[-300:].replace(
-                '\n', ' '), 'ok': False})
-            continue
-        from transformers import AutoConfig
-        per_token = flops_per_token(AutoConfig.from_pretrained(model_dir), args.seq)
-        peak = None if args.cpu else peak_flops(name)
-        for arm in ARMS:
-            tps = r['tokens_per_s'][arm]
-            mfu = f', MFU {tps * per_token / (peak * r["world"]):.1%}' if peak else ''
-            ratio = f', x{tps / r["tokens_per_s"]["plain"]:.3f} of plain' if arm != 'plain' else ''
-            rows.append({'check': f'FSDP{version} training throughput', 'setting': arm,
-                         'result': f'{tps:,.0f} tokens/s{ratio}{mfu}', 'ok': None})
-        if 'peak_memory_gib' in r:
-            rows.append({'check': f'FSDP{version} training', 'setting': 'peak GPU memory, rank 0',
-                         'result': f'{r["peak_memory_gib"]:.1f} GiB ({r["wall_s"]:.0f} s launch to end)', 'ok': None})
-        rows.append(sharded_export(version, work, model_dir))
+        rows += training(version, model_dir, work, args, target, name, results)
+    if args.big:  # a ~1B random LLaMA-shaped model, plain against pruned
+        from composer_shear.testing import save_tiny
+        big = work / 'llama-1b'
+        if not (big / 'config.json').exists():
+            print('writing a random 1.1B LLaMA-shaped model ...', flush=True)
+            save_tiny(big, kind='gqa', max_position_embeddings=args.seq, **BIG)
+        for version in args.fsdp:
+            rows += training(version, big, work, args, BIG_TARGET, name, {}, arms=('plain', 'pruned'),
+                             label='-1b')
     rows += commands(model_dir, work, args)
     print(format_table(rows), end='')
     ratio = throughput_ratio(results)

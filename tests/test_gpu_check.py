@@ -72,3 +72,14 @@ def test_the_whole_check_on_cpu(tmp_path):
                   'composer-shear reference-loss', 'composer-shear eval'):
         assert any(check in r for r in rows), check
     assert (tmp_path / 'fsdp2' / 'export' / 'config.json').exists()  # the sharded checkpoint's export
+
+
+def test_big_model_and_target_are_a_valid_pruning():
+    """--big (GPU only): the 1.1B shape and its target resolve, to about half the parameters."""
+    from transformers import LlamaConfig
+
+    from composer_shear.shapes import ModelShape
+    gc = load()
+    source = ModelShape.from_config(LlamaConfig(**gc.BIG, tie_word_embeddings=False))
+    target = source.resolve_target(gc.BIG_TARGET)
+    assert 1.0e9 < source.num_params() < 1.2e9 and 0.4 < target.num_params() / source.num_params() < 0.6
