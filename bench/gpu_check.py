@@ -252,13 +252,13 @@ def sharded_export(version: str, out: Path, model_dir: Path) -> dict:
     if not ckpts:
         return {'check': f'sharded FSDP{version} checkpoint exports', 'setting': str(out / 'ckpt'),
                 'result': 'no sharded checkpoint was written', 'ok': False}
+    from composer_shear.cli import main as cli
     dest = out / 'export'
-    res = subprocess.run([sys.executable, '-m', 'composer_shear.cli', 'export', '--checkpoint', str(ckpts[-1]),
-                          '--out', str(dest), '--source', str(model_dir), '--dtype', 'fp32', '--overwrite'],
-                         capture_output=True, text=True, timeout=600)
-    if res.returncode != 0:
+    rc = cli(['export', '--checkpoint', str(ckpts[-1]), '--out', str(dest), '--source', str(model_dir), '--dtype',
+              'fp32', '--overwrite'])
+    if rc != 0:
         return {'check': f'sharded FSDP{version} checkpoint exports', 'setting': ckpts[-1].name,
-                'result': res.stderr.strip().splitlines()[-1][:200], 'ok': False}
+                'result': f'exit {rc} (its error is printed above)', 'ok': False}
     saved = torch.load(out / 'masked_logits.pt')
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     small = AutoModelForCausalLM.from_pretrained(dest, torch_dtype=torch.float32, attn_implementation='sdpa')
