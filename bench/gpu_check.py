@@ -95,13 +95,13 @@ def throughput_ratio(results: dict[str, dict]) -> tuple[str, float] | None:
 
 
 def flops_per_token(config, seq: int) -> float:
-    """Training FLOPs per token: 6 x parameters (embeddings included) + 12 x layers x hidden x seq (attention)."""
-    h, n_layers, inter, vocab = (config.hidden_size, config.num_hidden_layers, config.intermediate_size,
-                                 config.vocab_size)
-    head_dim = getattr(config, 'head_dim', None) or h // config.num_attention_heads
-    attn = h * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
-    params = n_layers * (attn + 3 * h * inter) + vocab * h * (1 if config.tie_word_embeddings else 2)
-    return 6 * params + 12 * n_layers * config.num_attention_heads * head_dim * seq
+    """Training FLOPs per token: 6 x the parameters that do matmuls (all but the RMSNorm weights) + 12 x layers x
+    heads x head_dim x seq (attention scores and values)."""
+    from composer_shear.shapes import ModelShape
+    shape = ModelShape.from_config(config)
+    norms = (2 * shape.num_hidden_layers + 1) * shape.hidden_size
+    return 6 * (shape.num_params() - norms) + 12 * shape.num_hidden_layers * shape.num_attention_heads * \
+        shape.head_dim * seq
 
 
 def peak_flops(device_name: str) -> float | None:

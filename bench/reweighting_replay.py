@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
+from reproduce import DOMAINS  # the reproduction's domain order (bench/ is on the path)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from reproduce import DOMAINS  # noqa: E402  (the reproduction's domain order; bench/ is on the path)
-
-from composer_shear.data.weights import update_domain_weights  # noqa: E402
+from composer_shear.data.weights import update_domain_weights
 
 RULES = {
     'paper (step 1)': {},

@@ -75,12 +75,11 @@ def _reference(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import tempfile
 
-    from composer_shear.checks import check_positive
+    from composer_shear.checks import check_hf_folder, check_positive
     from composer_shear.errors import ConfigError
     from composer_shear.icl import load_tasks, results_table
     for folder in args.models:  # every input is checked before a model is loaded
-        if not Path(folder, 'config.json').is_file():
-            raise ConfigError(f'{folder} is not a Hugging Face model folder (no config.json)')
+        check_hf_folder(folder, 'MODEL_DIR', 'eval', ConfigError)
     if args.out and Path(args.out).is_dir():
         raise ConfigError(f'--out {args.out} is a folder; give a file name (FILE.md and FILE.json are written)')
     for flag in ('limit', 'batch_size', 'max_seq_len'):

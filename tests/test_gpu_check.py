@@ -2,21 +2,19 @@
 the whole check (equivalence, FSDP2 training of three arms, sharded export = masked model, the commands) runs on
 a tiny model, so no code path of the GPU check is untested on a CPU-only machine."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.common import load_bench
+
 SCRIPT = Path(__file__).resolve().parent.parent / 'bench' / 'gpu_check.py'
 
 
 def load():
-    spec = importlib.util.spec_from_file_location('gpu_check', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench('gpu_check')
 
 
 def test_arguments_table_and_ratio(capsys):

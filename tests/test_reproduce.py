@@ -2,7 +2,6 @@
 every option (learned masks with init + distillation + dynamic loading, one-shot + distillation, scratch)
 train, the table, the claims and the plots come out; a rerun reuses them and adds a seed."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from composer_shear.testing import TARGET, save_tiny, write_sums_task
+from tests.common import load_bench
 
 ROOT = Path(__file__).parent.parent
 SAMPLE = ROOT / 'data' / 'redpajama_sample'
@@ -20,9 +20,7 @@ SAMPLE = ROOT / 'data' / 'redpajama_sample'
 def test_rule_arms_configure_dynamic_loading():
     """The re-weighting arms pass their rule to dynamic_loading, and the callback accepts it."""
     from composer_shear.data.callback import DynamicLoading
-    spec = importlib.util.spec_from_file_location('reproduce', ROOT / 'bench' / 'reproduce.py')
-    reproduce = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reproduce)
+    reproduce = load_bench('reproduce')
     expected = {'oneshot': {'update_type': 'doremi'}, 'oneshot-constant': {'update_type': 'constant'},
                 'oneshot-damped': {'update_type': 'doremi', 'step_size': 0.3, 'max_weight': 0.5},
                 'oneshot-relative': {'update_type': 'doremi', 'step_size': 0.3, 'max_weight': 0.5,
