@@ -37,7 +37,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from composer_shear.algorithm import ShearPruning  # noqa: E402
-from composer_shear.distill import ShearDistill, distillation_loss  # noqa: E402
+from composer_shear.distill import ShearDistill  # noqa: E402
+from composer_shear.kd import distillation_loss  # noqa: E402
 from composer_shear.testing import Tokens, loader  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

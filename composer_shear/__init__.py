@@ -25,8 +25,8 @@ _EXPORTS = {
     'prune_model': 'composer_shear.functional',
     'init_masks_from_importance': 'composer_shear.functional',
     'prune_oneshot': 'composer_shear.oneshot',
-    'distillation_loss': 'composer_shear.distill',
-    'load_teacher': 'composer_shear.distill',
+    'distillation_loss': 'composer_shear.kd',
+    'load_teacher': 'composer_shear.kd',
     'update_domain_weights': 'composer_shear.data.weights',
     # downstream evaluation (llm-foundry's ICL evaluator)
     'load_tasks': 'composer_shear.icl',
@@ -107,11 +107,12 @@ if TYPE_CHECKING:
     from composer_shear.data.prepare import prepare
     from composer_shear.data.reference import reference_loss
     from composer_shear.data.weights import update_domain_weights
-    from composer_shear.distill import ShearDistill, distillation_loss, load_teacher
+    from composer_shear.distill import ShearDistill
     from composer_shear.errors import ConfigError, ExportError, ShapeError
     from composer_shear.export import export_checkpoint
     from composer_shear.functional import apply_shear_pruning, clamp_masks, prune_model, sample_masks, set_eval_masks
     from composer_shear.icl import evaluate_models, load_tasks
+    from composer_shear.kd import distillation_loss, load_teacher
     from composer_shear.masks import MaskSnapshot, ShearMasks
     from composer_shear.oneshot import prune_oneshot
     from composer_shear.shapes import PRESETS, PRUNING_MODULES, TARGET_FIELDS, ModelShape

@@ -30,7 +30,15 @@ from composer_shear.functional import (
     sample_masks,
     set_eval_masks,
 )
-from composer_shear.masks import DEFAULT_MASK_VALUES, LOG_ALPHA_MAX, MASK_VALUES, MASKS_ATTR, ShearMasks
+from composer_shear.masks import (
+    DEFAULT_MASK_VALUES,
+    LOG_ALPHA_MAX,
+    MASK_VALUES,
+    MASKS_ATTR,
+    ShearMasks,
+    refresh_fp32,
+)
+from composer_shear.precision import warn_if_buffers_rounded
 from composer_shear.shapes import PRUNING_MODULES, ModelShape, validate_pruning_modules
 
 log = logging.getLogger(__name__)
@@ -148,6 +156,7 @@ class ShearPruning(Algorithm):
             self._microbatch = 0
             if not self._initialized:
                 self._init_from_activations(state)
+            refresh_fp32(self.masks(state))  # after a resume or an init: the fp32 values the forward reads
             if self.mask_lr_schedule == 'constant':
                 self._constant_mask_lr(state)
         elif event == Event.BEFORE_FORWARD:
@@ -159,6 +168,7 @@ class ShearPruning(Algorithm):
             if self.multiplier_update == 'ascent':
                 ascend_multipliers(self.masks(state), self._mask_lr(state))
         elif event == Event.EVAL_START:
+            refresh_fp32(self.masks(state))
             set_eval_masks(self.masks(state), exact_target=self.eval_target_shape)
         elif event == Event.BATCH_END:
             clamp_masks(self.masks(state))
@@ -246,6 +256,7 @@ class ShearPruning(Algorithm):
                                     init_noise=self.init['noise'], seed=self.init['seed'],
                                     mask_values=self.mask_values, multiplier_update=self.multiplier_update)
         self.source, self.target_shape = masks.source, masks.target
+        warn_if_buffers_rounded(state)
         fsdp = getattr(state, 'fsdp_config', None)
         if getattr(fsdp, 'activation_checkpointing', False) and getattr(fsdp, 'activation_checkpointing_reentrant',
                                                                         False):

@@ -33,6 +33,7 @@ from composer_shear.masks import (
     MASKS_ATTR,
     ShearMasks,
     expected_score,
+    refresh_fp32,
     selection_log_alpha,
 )
 from composer_shear.oneshot import oneshot_masks, prune_oneshot
@@ -198,18 +199,26 @@ def init_masks_from_importance(masks: ShearMasks, scores: Mapping[str, torch.Ten
         >>> from composer_shear.oneshot import importance
         >>> init_masks_from_importance(masks, importance(model, calibration_batches))
     """
+    from contextlib import nullcontext
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
     modules = {STRUCTURE_MODULES[s.name] for s in masks.structures}
     keep = oneshot_masks(scores, masks.source, masks.target, modules)
     sparsity = {}
-    for s in masks.structures:
-        log_alpha = selection_log_alpha(keep[s.name], s.target)
-        param = masks.log_alpha[s.name]
-        value = log_alpha.to(param.device, param.dtype)
-        if hasattr(param, 'device_mesh'):  # an FSDP2-sharded parameter (DTensor): copy the local shard
-            from torch.distributed.tensor import distribute_tensor
-            value = distribute_tensor(value, param.device_mesh, param.placements)
-        param.copy_(value)
-        sparsity[s.name] = float(1 - expected_score(log_alpha).sum(-1).mean() / s.size)
+    # an FSDP1 wrapper holds flat shards: write the whole parameters, FSDP scatters them back
+    whole = FSDP.summon_full_params(masks, writeback=True) if isinstance(masks, FSDP) else nullcontext()
+    with whole:
+        for s in masks.structures:
+            log_alpha = selection_log_alpha(keep[s.name], s.target)
+            param = masks.log_alpha[s.name]
+            value = log_alpha.to(param.device, param.dtype)
+            if hasattr(param, 'device_mesh'):  # an FSDP2-sharded parameter (DTensor): copy the local shard
+                from torch.distributed.tensor import distribute_tensor
+                value = distribute_tensor(value, param.device_mesh, param.placements)
+            param.copy_(value)
+            sparsity[s.name] = float(1 - expected_score(log_alpha).sum(-1).mean() / s.size)
+    refresh_fp32(masks)
     return sparsity
 
 
@@ -231,13 +240,15 @@ def ascend_multipliers(masks: nn.Module, lr: float) -> None:
 
 @torch.no_grad()
 def clamp_masks(masks: nn.Module) -> None:
-    """Keep every mask logit in [-ln 100, ln 100] (call after each optimizer step).
+    """Keep every mask logit in [-ln 100, ln 100] and refresh the exact fp32 values the forward reads under FSDP
+    mixed precision (call after each optimizer step on every rank, and once after wrapping the model with FSDP).
 
     Example:
         >>> opt.step(); clamp_masks(masks)
     """
     for p in masks.log_alpha.values():
         p.clamp_(-LOG_ALPHA_MAX, LOG_ALPHA_MAX)
+    refresh_fp32(masks)
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ EPS = 1e-6
 LOG_ALPHA_MAX = math.log(100.0)
 SHARPEN = 0.8
 MASKS_ATTR = 'shear_masks'  # the mask module's name on a ComposerModel
+LAMBDAS = 'lambdas'  # the multipliers' name in ShearMasks.fp32
 # the value kept entries of deterministic (eval, export) masks take: 1, or their soft value (the paper's)
 MASK_VALUES = ('binary', 'soft')
 DEFAULT_MASK_VALUES = 'binary'
@@ -173,11 +174,28 @@ class ShearMasks(nn.Module):
         # 1: kept entries of deterministic masks are 1; 0: their soft value. A buffer, so that export folds what
         # the run evaluated with.
         self.register_buffer('binary_values', torch.tensor(int(values == 'binary')))
+        # Exact fp32 values of the parameters, for forwards whose parameters FSDP mixed precision has cast to a lower
+        # precision (refresh_fp32). A plain attribute: no wrapper, cast, state dict or `.to` sees it.
+        self.fp32: dict[str, torch.Tensor] = {}
 
     @property
     def binary(self) -> bool:
         """Whether deterministic masks keep entries at 1 (else at their soft value)."""
         return bool(self.binary_values.item())
+
+    def _exact(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        """`param` in fp32 with its exact value. Under FSDP mixed precision the forward sees the parameter cast to
+        `param_dtype` (bf16 keeps 8 bits: logits 0.016 apart tie); the value then comes from the fp32 copy that
+        `refresh_fp32` keeps, while the gradient still flows to the cast parameter (and FSDP reduces it as usual)."""
+        if param.dtype == torch.float32:
+            return param
+        copy = self.fp32.get(name)
+        if copy is None or copy.shape != param.shape or copy.device != param.device \
+                or not torch.equal(copy.to(param.dtype), param.detach()):
+            raise RuntimeError(f'shear_masks: {name} is held in {param.dtype} (FSDP mixed precision) and its fp32 copy '
+                               'is missing or stale: call clamp_masks(masks) after wrapping the model and after every '
+                               'optimizer step')
+        return param.float() + (copy - param.detach().float())
 
     def snapshot(self) -> MaskSnapshot:
         """Full (unsharded), detached CPU copies of everything, with the exact-target masks."""
@@ -190,7 +208,7 @@ class ShearMasks(nn.Module):
         'target' (keep exactly the target per row), 'snapshot' (a MaskSnapshot). With `progress` in [0, 1]
         (the Lagrangian warm-up), also returns the Lagrangian and detached statistics. `generator` drives the
         sampling noise."""
-        log_alpha = {s.name: self.log_alpha[s.name].float() for s in self.structures}
+        log_alpha = {s.name: self._exact(s.name, self.log_alpha[s.name]) for s in self.structures}
         binary = mode != 'sample' and self.binary
         if mode == 'snapshot':
             cpu = lambda t: t.detach().float().cpu().clone()  # noqa: E731  (a copy: FSDP frees unsharded params)
@@ -207,7 +225,7 @@ class ShearMasks(nn.Module):
             raise ValueError(f'unknown mask mode {mode!r}')
         if progress is None:
             return z, None, None
-        lambdas = self.lambdas.float()
+        lambdas = self._exact(LAMBDAS, self.lambdas)
         lam = lambdas.detach().clone()  # a copy for logging: FSDP frees the unsharded parameter after forward
         lag = lambdas.new_zeros(())
         stats = {}
@@ -223,6 +241,34 @@ class ShearMasks(nn.Module):
             stats[f'expected_sparsity/{s.name}'] = sparsity.detach().mean()
         stats.update(expected_shape(self.source, {k: v.detach() for k, v in scores.items()}))
         return z, lag, stats
+
+
+@torch.no_grad()
+def refresh_fp32(masks: nn.Module) -> None:
+    """Copy the exact fp32 values of the mask logits and multipliers into ``ShearMasks.fp32``, gathered whole from
+    whatever shards them: an FSDP1 wrapper (``summon_full_params`` gathers in full precision), FSDP2 DTensors
+    (``full_tensor``), or plain parameters. Every rank must call it (it may communicate); the forward then reads these
+    values instead of the ones FSDP mixed precision casts. Call it after the parameters change: `clamp_masks` does.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    module = masks.module if isinstance(masks, FSDP) else masks
+
+    def read() -> dict[str, torch.Tensor]:
+        params = {s.name: module.log_alpha[s.name] for s in module.structures}
+        params[LAMBDAS] = module.lambdas
+        out = {}
+        for name, p in params.items():
+            p = p.detach()
+            p = p.full_tensor() if hasattr(p, 'full_tensor') else p
+            out[name] = p.float().clone()
+        return out
+
+    if isinstance(masks, FSDP):
+        with FSDP.summon_full_params(masks, writeback=False):
+            module.fp32 = read()
+    else:
+        module.fp32 = read()
 
 
 @dataclass

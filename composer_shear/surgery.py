@@ -6,10 +6,12 @@ Shapes in comments: L layers, G KV groups, Q query heads per group, hd head dim,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from composer_shear._hf import no_init_weights
 from composer_shear.errors import ExportError, ShapeError
 from composer_shear.masks import MaskSnapshot, full_masks
 from composer_shear.shapes import ModelShape
@@ -119,18 +121,35 @@ def prune_state_dict(sd: dict, source: ModelShape, z: dict) -> tuple[dict, Model
     return out, shape
 
 
-def pruned_config(config: Any, shape: ModelShape, dtype: torch.dtype) -> Any:
-    """A config of the source's class with the pruned shape (head_dim written explicitly)."""
+def pruned_config(config: Any, shape: ModelShape, dtype: torch.dtype,
+                  layers: Sequence[int] | None = None) -> Any:
+    """A config of the source's class with the pruned shape (head_dim written explicitly). `layers`: the source
+    layers kept, in order, for per-layer config fields (transformers 5's ``layer_types``); default the first ones.
+
+    Raises:
+        ShapeError: the installed transformers cannot hold this shape in the source's config class (transformers 5
+            requires ``hidden_size`` to be a multiple of ``num_attention_heads``, whatever ``head_dim`` is).
+    """
     from transformers import AutoConfig
     d = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
     for key, value in shape.target_dict().items():
         d[key] = value
     d['head_dim'] = shape.head_dim
-    d['torch_dtype'] = str(dtype).removeprefix('torch.')
+    d.pop('torch_dtype', None)
+    d['dtype' if 'dtype' in d else 'torch_dtype'] = str(dtype).removeprefix('torch.')  # transformers 5: dtype
+    layers = list(range(shape.num_hidden_layers)) if layers is None else list(layers)
+    if isinstance(d.get('layer_types'), list):  # one entry per layer (transformers 5): those of the kept layers
+        d['layer_types'] = [d['layer_types'][i] for i in layers]
     d.pop('_name_or_path', None)
     d.pop('quantization_config', None)
     model_type = d.pop('model_type')
-    return AutoConfig.for_model(model_type, **d)
+    try:
+        return AutoConfig.for_model(model_type, **d)
+    except (ValueError, TypeError) as e:
+        import transformers
+        raise ShapeError(f'transformers {transformers.__version__} cannot hold the target shape '
+                         f'{shape.target_dict()} in a {type(config).__name__}: {getattr(e, "__cause__", None) or e}'
+                         ) from None
 
 
 def check_keys(sd: dict[str, torch.Tensor], config: Any) -> None:
@@ -162,7 +181,8 @@ def prune_to_target(hf_sd: dict[str, torch.Tensor], snap: MaskSnapshot, config: 
         raise ExportError(f'pruned shape {shape.target_dict()} differs from the target {snap.target.target_dict()}')
     dtype = dtype or hf_sd['model.embed_tokens.weight'].dtype
     pruned = {k: v.to(dtype).contiguous() for k, v in pruned.items()}
-    new_config = pruned_config(config, shape, dtype)
+    layers = (snap.z['layer'] != 0).nonzero().flatten().tolist() if 'layer' in snap.z else None
+    new_config = pruned_config(config, shape, dtype, layers)
     check_keys(pruned, new_config)
     return pruned, new_config
 
@@ -171,11 +191,15 @@ def build_model(sd: dict[str, torch.Tensor], config: Any) -> Any:
     """The Hugging Face model of `config`'s class holding exactly the weights `sd` (checked strictly), in eval
     mode, in the weights' dtype, with tied weights tied."""
     from transformers import AutoModelForCausalLM
-    from transformers.modeling_utils import no_init_weights
     model_class = AutoModelForCausalLM._model_mapping[type(config)]
     with no_init_weights():  # every weight is overwritten below
         model = model_class(config)
+    fp32_buffers = [(m, n, b) for m in model.modules() for n, b in m._buffers.items()
+                    if b is not None and b.is_floating_point()]
+    # the weights' dtype for parameters only: buffers (RoPE's inv_freq) stay fp32, as from_pretrained keeps them
     model.to(next(iter(sd.values())).dtype)
+    for module, name, buffer in fp32_buffers:
+        module._buffers[name] = buffer
     missing, unexpected = model.load_state_dict(sd, strict=False)
     allowed = {'lm_head.weight'} if config.tie_word_embeddings else set()
     if set(missing) - allowed or unexpected:

@@ -30,10 +30,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from composer.utils import dist
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config
 
+from composer_shear._hf import dtype_kwargs
 from composer_shear.masks import DEFAULT_MASK_VALUES, ShearMasks
 from composer_shear.shapes import ModelShape
 
@@ -98,7 +98,7 @@ def tiny_model(config: LlamaConfig | Qwen2Config, attn: str = 'eager', seed: int
         The model (``AutoModelForCausalLM.from_config``) in eval mode.
     """
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, **dtype_kwargs(torch.float32))
     # non-trivial norm weights so that folding mistakes show
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -216,6 +216,7 @@ def loader(ds: Dataset, batch: int) -> DataLoader:
     Returns:
         The loader; each rank reads its own share of `ds`.
     """
+    from composer.utils import dist  # only here: the rest of this module needs torch and transformers alone
     return DataLoader(ds, batch_size=batch, sampler=dist.get_sampler(ds, shuffle=False), drop_last=True)
 
 

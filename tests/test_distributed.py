@@ -47,11 +47,33 @@ def export(ckpt, dest, *extra):
     return model
 
 
-def test_fsdp2_sharded_and_whole_checkpoints_export_the_same_model(tmp_path):
-    """One FSDP2 run saves its final state both ways (sharded by the saver, then whole): the two exports agree."""
+BF16 = '{"param_dtype": "bf16", "reduce_dtype": "fp32"}'
+# mask logits 0.004 apart around 3: bf16 (spacing 0.016 there) ties them, so a selection read from cast values differs
+NEAR_TIES = ['init={"log_alpha": 3.0, "noise": 0.004, "seed": 3}', 'lag_lr=1e-4']
+LOGIT_TOLERANCE = 0.02  # bf16 compute against the fp32 export (max |logit| ~0.6; a wrong selection moves them ~0.5)
+
+
+def test_fsdp2_bf16_masks_select_in_fp32_and_both_checkpoints_export_the_masked_model(tmp_path):
+    """One FSDP2 run with a bf16 param_dtype (FSDP mixed precision casts the mask logits for every forward) saves its
+    final state sharded and whole: the in-loop exact-target masks are the fp32 selection of the saved logits (not the
+    bf16-rounded one, which differs here by construction), the two checkpoints export the same model, and that model
+    computes the wrapped masked model's logits within bf16 tolerance."""
+    from composer_shear.masks import deterministic
+
     out = tmp_path / 'run'
-    launch(out, {'FSDP_VERSION': '2', 'STATE_DICT_TYPE': 'sharded'}, 'fsdp=true', 'also_full=true')
+    launch(out, {'FSDP_VERSION': '2', 'STATE_DICT_TYPE': 'sharded'}, 'fsdp=true', 'also_full=true', 'probe=true',
+           f'mixed_precision={BF16}', *NEAR_TIES)
     same_on_both_ranks(out)
+    probe, saved = torch.load(out / 'probe-rank0.pt'), torch.load(out / 'masks-rank0.pt')
+    assert probe['dtype'] == 'torch.bfloat16'  # the forward did see cast parameters
+    assert torch.equal(probe['logits'], torch.load(out / 'probe-rank1.pt')['logits'])
+    rounded_differs = False
+    for name, log_alpha in saved['log_alpha'].items():
+        keep = (probe['z'][name] != 0).sum(-1)
+        fp32 = deterministic(log_alpha, keep, binary=True)
+        assert torch.equal(probe['z'][name], fp32), name
+        rounded_differs |= not torch.equal(deterministic(log_alpha.bfloat16().float(), keep, binary=True), fp32)
+    assert rounded_differs  # the check can fail: rounding would have picked other entries
     sharded_ckpt, whole_ckpt = out / 'ckpt' / 'ep0-ba12', out / 'ckpt' / 'whole-rank0.pt'
     assert (sharded_ckpt / '.metadata').exists() and whole_ckpt.is_file()
     models = {kind: export(ckpt, out / f'export-{kind}', '--source', str(out / 'source'))
@@ -61,6 +83,9 @@ def test_fsdp2_sharded_and_whole_checkpoints_export_the_same_model(tmp_path):
     assert sharded.keys() == whole.keys()
     for k in sharded:
         assert torch.equal(sharded[k], whole[k]), k
+    with torch.no_grad():
+        logits = models['sharded'].eval()(probe['ids']).logits
+    assert (logits - probe['logits']).abs().max() <= LOGIT_TOLERANCE
 
 
 def test_sigkill_and_autoresume_is_bit_exact(tmp_path):

@@ -7,16 +7,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from composer_shear._hf import dtype_kwargs
 from composer_shear.export import export_pruned
 from composer_shear.hooks import MaskedForward
 from composer_shear.masks import LOG_ALPHA_MAX
 from composer_shear.testing import llama_config, random_masks, tiny_model
 
 ALL = ['layer', 'hidden', 'head', 'intermediate']
-TARGETS = {  # per source kind: a target that prunes every structure
-    'mha': dict(num_hidden_layers=3, hidden_size=40, num_attention_heads=5, num_key_value_heads=5,
+TARGETS = {  # per source kind: a target that prunes every structure (hidden a multiple of the heads: transformers 5)
+    'mha': dict(num_hidden_layers=3, hidden_size=40, num_attention_heads=4, num_key_value_heads=4,
                 intermediate_size=50),
-    'gqa': dict(num_hidden_layers=3, hidden_size=40, num_attention_heads=3, num_key_value_heads=1,
+    'gqa': dict(num_hidden_layers=3, hidden_size=40, num_attention_heads=2, num_key_value_heads=1,
                 intermediate_size=50),
     'qwen2': dict(num_hidden_layers=3, hidden_size=40, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=50),
@@ -38,7 +39,7 @@ def check(tmp_path, kind, tied, modules, attn='eager', low=-3.0, high=3.0, seed=
         masked = model(ids).logits
     out = tmp_path / 'export'
     report = export_pruned(model.state_dict(), masks.state_dict(), config, out)
-    small = AutoModelForCausalLM.from_pretrained(out, attn_implementation=attn, torch_dtype=torch.float32).eval()
+    small = AutoModelForCausalLM.from_pretrained(out, attn_implementation=attn, **dtype_kwargs(torch.float32)).eval()
     with torch.no_grad():
         exported = small(ids).logits
     diff = (masked - exported).abs().max().item()

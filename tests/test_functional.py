@@ -98,7 +98,7 @@ def test_set_eval_masks_expected_count():
 
 
 def test_composer_model_gets_the_masks_as_a_child():
-    from composer.models import HuggingFaceModel
+    HuggingFaceModel = pytest.importorskip('composer.models').HuggingFaceModel
     model = HuggingFaceModel(tiny_model(llama_config('gqa')))
     masks = apply_shear_pruning(model, TARGET)
     assert getattr(model, MASKS_ATTR) is masks
@@ -121,6 +121,7 @@ def test_bad_input_changes_nothing(kwargs, error, message):
 
 
 def test_public_api():
+    pytest.importorskip('composer')  # part of the API is Composer plumbing (absent in the compat environment)
     assert composer_shear.__all__ == sorted(composer_shear._EXPORTS)
     for name in composer_shear.__all__:
         obj = getattr(composer_shear, name)

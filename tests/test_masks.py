@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-from composer.optim import DecoupledAdamW
 
 from composer_shear import masks as M
 from composer_shear.masks import ShearMasks
@@ -99,6 +98,7 @@ def test_one_step_moves_multipliers_so_the_penalty_grows():
     """Expected sparsity below target: gradient ascent on lambda makes lambda_1 negative and lambda_2 positive,
     so the Lagrangian penalty grows; the masks move toward more sparsity."""
     m = make(TARGET)
+    DecoupledAdamW = pytest.importorskip('composer.optim').DecoupledAdamW  # the paper's optimizer (absent: compat)
     opt = DecoupledAdamW([{'params': list(m.log_alpha.values()), 'lr': 0.1},
                           {'params': [m.lambdas], 'lr': -0.1}], lr=0.1, weight_decay=0.0)
     _, lag0, stats0 = m('sample', progress=1.0)
@@ -146,3 +146,53 @@ def test_export_reads_a_checkpoint_that_still_has_a_mask_for_a_structure_kept_wh
     assert back.state_dict().keys() == sd.keys()
     for k, v in back.state_dict().items():
         assert torch.equal(v, sd[k]), k
+
+
+def _cast_like_fsdp(masks, dtype=torch.bfloat16):
+    """What FSDP mixed precision does to the module for a forward: the parameters' values cast to `dtype`."""
+    for p in masks.parameters():
+        p.data = p.data.to(dtype)
+
+
+def test_cast_parameters_select_and_penalise_with_their_exact_fp32_values():
+    """Under FSDP mixed precision the forward sees bf16 parameters; the masks, the Lagrangian and the statistics come
+    from the fp32 values (refresh_fp32), and gradients still reach the cast parameters."""
+    source = ModelShape.from_config(llama_config())
+    target = source.replace(intermediate_size=source.intermediate_size // 2)
+    exact = ShearMasks(source, target, ['intermediate'])
+    size = source.intermediate_size
+    with torch.no_grad():  # ascending logits 5e-5 apart: bf16 rounds them all to 3.0, so a tie keeps the first half
+        logits = exact.log_alpha['intermediate']
+        logits.copy_(3.0 + 5e-5 * torch.arange(size).expand_as(logits))
+        exact.lambdas.copy_(torch.tensor([[0.3001, 0.7003]]))
+    cast = ShearMasks(source, target, ['intermediate'])
+    cast.load_state_dict(exact.state_dict())
+    M.refresh_fp32(cast)
+    _cast_like_fsdp(cast)
+    want, got = exact('target')[0]['intermediate'], cast('target')[0]['intermediate']
+    assert torch.equal(got, want)
+    assert torch.equal(want[:, size // 2:], torch.ones_like(want[:, size // 2:]))  # the larger half
+    rounded = M.deterministic(cast.log_alpha['intermediate'].float(), target.intermediate_size, binary=True)
+    assert not torch.equal(rounded, want)  # what reading the cast values would have kept
+    (_, lag_exact, stats_exact), (_, lag_cast, stats_cast) = (m('sample', progress=0.5) for m in (exact, cast))
+    assert lag_cast.dtype == torch.float32 and torch.equal(lag_cast, lag_exact)
+    assert torch.equal(stats_cast['expected/num_params'], stats_exact['expected/num_params'])
+    lag_cast.backward()
+    lag_exact.backward()
+    for a, b in ((cast.lambdas, exact.lambdas), (cast.log_alpha['intermediate'], exact.log_alpha['intermediate'])):
+        assert a.grad is not None and a.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(a.grad.float(), b.grad, rtol=1e-2, atol=1e-6)
+
+
+def test_cast_parameters_without_a_fresh_fp32_copy_are_refused():
+    source = ModelShape.from_config(llama_config())
+    masks = ShearMasks(source, source.replace(intermediate_size=source.intermediate_size // 2), ['intermediate'])
+    _cast_like_fsdp(masks)
+    with pytest.raises(RuntimeError, match='clamp_masks'):
+        masks('target')
+    M.refresh_fp32(masks)  # a copy of the cast values: consistent, so accepted
+    masks('target')
+    with torch.no_grad():
+        masks.log_alpha['intermediate'].add_(0.5)  # an optimizer step without clamp_masks afterwards
+    with pytest.raises(RuntimeError, match='stale'):
+        masks('sample', progress=1.0)

@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from llmfoundry.command_utils.train import validate_config
 from llmfoundry.registry import dataloaders
 from llmfoundry.utils.builders import build_algorithm, build_callback
@@ -94,3 +95,41 @@ def test_the_commented_shear_distill_block_works_uncommented(name, tmp_path):
     cfg = load(ROOT / 'yamls' / f'{name}.yaml', **{'algorithms.shear_distill': kwargs})
     validate_config(cfg)
     assert isinstance(build_algorithm('shear_distill', cfg.algorithms['shear_distill']), ShearDistill)
+
+
+@pytest.mark.parametrize('path', [p for p in YAMLS if 'fsdp_config' in OmegaConf.load(p)], ids=lambda p: p.name)
+def test_fsdp_mixed_precision_keeps_the_rotary_buffers_fp32(path):
+    """Resolved as Composer resolves it for FSDP1, the YAML's mixed precision casts no buffer (RoPE's inv_freq)."""
+    from composer_shear.precision import buffer_dtype, rounded_buffers
+    from composer_shear.testing import llama_config, tiny_model
+    cfg = load(path)
+    dtype = buffer_dtype(cfg.precision, cfg.fsdp_config['mixed_precision'])
+    assert dtype in (None, torch.float32)
+    model = tiny_model(llama_config())
+    assert rounded_buffers(model, dtype) == []
+    assert 'model.rotary_emb.inv_freq' in rounded_buffers(model, buffer_dtype(cfg.precision, 'DEFAULT'))
+
+
+def test_a_run_that_would_round_buffers_is_warned_once_naming_the_key(caplog):
+    from types import SimpleNamespace
+
+    from composer_shear import precision
+    from composer_shear.testing import llama_config, tiny_model
+    model = tiny_model(llama_config())
+
+    def state(mixed, version=1, run_precision='amp_bf16'):
+        return SimpleNamespace(fsdp_config=SimpleNamespace(mixed_precision=mixed), fsdp_config_version=version,
+                               precision=run_precision, model=model)
+
+    precision._warned.clear()
+    with caplog.at_level('WARNING', logger='composer_shear.precision'):
+        assert precision.warn_if_buffers_rounded(state('DEFAULT'))
+        assert precision.warn_if_buffers_rounded(state('DEFAULT'))  # still true, said once
+        assert not precision.warn_if_buffers_rounded(state(dict(precision.KEEP_BUFFERS_FP32)))
+        assert not precision.warn_if_buffers_rounded(state('DEFAULT', version=2))  # FSDP2 casts no buffer
+        assert not precision.warn_if_buffers_rounded(state('FULL'))
+        assert not precision.warn_if_buffers_rounded(SimpleNamespace(fsdp_config=None, model=model))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1
+    assert 'fsdp_config.mixed_precision' in lines[0] and 'buffer_dtype: fp32' in lines[0]
+    assert 'model.rotary_emb.inv_freq' in lines[0]

@@ -23,6 +23,7 @@ from composer_shear.data.weights import (
     update_domain_weights,
 )
 from composer_shear.errors import ConfigError
+from composer_shear.precision import warn_if_buffers_rounded
 
 if TYPE_CHECKING:
     from composer_shear.data.dynamic import DynamicStreamingDataset
@@ -155,6 +156,9 @@ class DynamicLoading(Callback):
             raise ConfigError(f'dynamic_loading.domains {self.domains} differ from the train loader\'s '
                              f'domains {list(ds.domains)}')
         return ds
+
+    def init(self, state: State, logger: Logger) -> None:
+        warn_if_buffers_rounded(state)  # continued pre-training has no other part of this package to say it
 
     def fit_start(self, state: State, logger: Logger) -> None:
         """Check that the domains are evaluated once per loader interval, push the current weights to the train

@@ -19,6 +19,8 @@ from transformers import AutoTokenizer
 from composer_shear.algorithm import ShearPruning
 from composer_shear.callbacks import PruningMonitor
 from composer_shear.distill import ShearDistill
+from composer_shear.functional import set_eval_masks
+from composer_shear.masks import refresh_fp32
 from composer_shear.testing import TARGET, Tokens, loader, save_tiny
 
 __all__ = ['TARGET', 'LossLog', 'Tokens', 'loader', 'run']
@@ -44,7 +46,7 @@ class LossLog(Callback):
 def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_interval='40ba', autoresume=False,
         model_dir=None, load_path=None, batch=4, target=None, modules=None, eval_interval='40ba', schedule='cosine',
         loggers=(), sleep=0.0, prune=True, distill=None, distill_first=False, mask_lr_schedule='model', callbacks=(),
-        multiplier_update='adam', train_loader=None, also_full=False):
+        multiplier_update='adam', train_loader=None, also_full=False, mixed_precision=None, probe=False):
     out = Path(out)
     dist.initialize_dist(DeviceCPU())
     if model_dir is None:
@@ -63,7 +65,8 @@ def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_i
     teacher = ShearDistill(**distill) if distill is not None else None
     if teacher is not None:
         algorithms.insert(0 if distill_first else len(algorithms), teacher)
-    parallelism = {'fsdp': {'state_dict_type': os.environ.get('STATE_DICT_TYPE', 'full')}} if fsdp else None
+    parallelism = {'fsdp': {'state_dict_type': os.environ.get('STATE_DICT_TYPE', 'full'),
+                            **({'mixed_precision': mixed_precision} if mixed_precision else {})}} if fsdp else None
     vocab = model.model.config.vocab_size
     losses = LossLog(sleep)
     trainer = Trainer(
@@ -83,6 +86,21 @@ def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_i
     if also_full and trainer.state.fsdp_state_dict_type == 'sharded':  # the same state, also as one whole file
         trainer.state.fsdp_config.state_dict_type = 'full'
         trainer.save_checkpoint(str(out / 'ckpt' / 'whole-rank{rank}.pt'))
+    if probe and prune:  # what the wrapped model computes in evaluation: exact-target masks and logits
+        masks = ShearPruning.masks(trainer.state)
+        refresh_fp32(masks)
+        seen = []  # the multipliers' dtype inside the forward (after FSDP's cast)
+        hook = masks.register_forward_pre_hook(lambda module, args: seen.append(str(module.lambdas.dtype)))
+        z, _, _ = masks('target')
+        hook.remove()
+        set_eval_masks(masks)
+        trainer.state.model.eval()
+        with torch.no_grad():
+            ids = Tokens(2, 32, vocab, seed=5)[0]['input_ids'][None]
+            logits = trainer.state.model({'input_ids': ids, 'attention_mask': torch.ones_like(ids)}).logits
+        torch.save({'z': {k: v.detach().float().cpu() for k, v in z.items()}, 'ids': ids,
+                    'logits': logits.float().cpu(), 'dtype': seen[0]},
+                   out / f'probe-rank{dist.get_global_rank()}.pt')
     snap = None
     if prune:
         with torch.no_grad():
