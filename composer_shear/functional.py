@@ -38,7 +38,7 @@ from composer_shear.masks import (
 )
 from composer_shear.oneshot import oneshot_masks, prune_oneshot
 from composer_shear.shapes import PRUNING_MODULES, STRUCTURE_MODULES, ModelShape, validate_pruning_modules
-from composer_shear.surgery import build_model, prune_to_target
+from composer_shear.surgery import build_model, prune_to_target, pruned_config
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ def apply_shear_pruning(model: nn.Module, target: Target, pruning_modules: Seque
     source = ModelShape.from_config(hf.config)
     modules = validate_pruning_modules(pruning_modules)
     target_shape = source.resolve_target(target, modules)
+    pruned_config(hf.config, target_shape, torch.float32)  # a shape the installed transformers cannot hold: now
     owner = None if model is hf else model
     if owner is not None and hasattr(owner, MASKS_ATTR):
         raise ShapeError(f'the model already has a {MASKS_ATTR!r} module: apply shear pruning once')

@@ -22,7 +22,7 @@ from torch import nn
 from composer_shear.hooks import decoder
 from composer_shear.masks import MaskSnapshot, structures_for
 from composer_shear.shapes import PRUNING_MODULES, ModelShape, validate_pruning_modules
-from composer_shear.surgery import build_model, prune_to_target
+from composer_shear.surgery import build_model, prune_to_target, pruned_config
 
 __all__ = ['importance', 'oneshot_masks', 'prune_oneshot', 'structure_scores']
 
@@ -130,6 +130,7 @@ def prune_oneshot(model: nn.Module, target: Mapping[str, Any] | str, batches: It
     source = ModelShape.from_config(model.config)
     modules = validate_pruning_modules(pruning_modules)
     goal = source.resolve_target(target, modules)
+    pruned_config(model.config, goal, torch.float32)  # a shape the installed transformers cannot hold: now
     z = oneshot_masks(importance(model, batches), source, goal, modules)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     snap = MaskSnapshot(source, goal, z=z)

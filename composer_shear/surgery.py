@@ -145,7 +145,7 @@ def pruned_config(config: Any, shape: ModelShape, dtype: torch.dtype,
     model_type = d.pop('model_type')
     try:
         return AutoConfig.for_model(model_type, **d)
-    except (ValueError, TypeError) as e:
+    except Exception as e:  # transformers 5 raises huggingface_hub's StrictDataclassClassValidationError
         import transformers
         raise ShapeError(f'transformers {transformers.__version__} cannot hold the target shape '
                          f'{shape.target_dict()} in a {type(config).__name__}: {getattr(e, "__cause__", None) or e}'

@@ -2,6 +2,8 @@
 the whole check (equivalence, FSDP2 training of three arms, sharded export = masked model, the commands) runs on
 a tiny model, so no code path of the GPU check is untested on a CPU-only machine."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,14 @@ import pytest
 
 from tests.common import load_bench
 
-SCRIPT = Path(__file__).resolve().parent.parent / 'bench' / 'gpu_check.py'
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / 'bench' / 'gpu_check.py'
+STAGE1 = ROOT / 'bench' / 'gpu_stage1.py'
+# The lent GPU machine has torch and transformers but not the MosaicML stack: in the simulation these imports fail
+# as they do there (a None in sys.modules makes `import` raise ImportError).
+ABSENT = ('composer', 'llmfoundry', 'streaming', 'omegaconf', 'mcli')
+RUN_WITHOUT = ('import runpy, sys\nfor m in {absent!r}: sys.modules[m] = None\nsys.argv = {argv!r}\n'
+               'runpy.run_path({script!r}, run_name="__main__")')
 
 
 def load():
@@ -81,3 +90,34 @@ def test_big_model_and_target_are_a_valid_pruning():
     source = ModelShape.from_config(LlamaConfig(**gc.BIG, tie_word_embeddings=False))
     target = source.resolve_target(gc.BIG_TARGET)
     assert 1.0e9 < source.num_params() < 1.2e9 and 0.4 < target.num_params() / source.num_params() < 0.6
+
+
+def test_table_rows_reach_the_files_as_they_are_added(tmp_path, capsys):
+    table = load_bench('_table').Table(tmp_path)
+    table.add('a', 'b', 'c', True)
+    assert (tmp_path / 'gpu_check.md').read_text().splitlines()[-1] == '| a | b | c | yes |'
+    table.add('d', 'e', 'f', None)
+    assert [json.loads(line)['check'] for line in (tmp_path / 'gpu_check.jsonl').read_text().splitlines()] == ['a', 'd']
+    assert capsys.readouterr().out.splitlines()[-2:] == ['| a | b | c | yes |', '| d | e | f | - |']
+    assert table.checked == 1 and table.failed == []
+
+
+@pytest.mark.slow
+def test_stage1_runs_where_only_torch_and_transformers_are_installed(tmp_path):
+    """The GPU machine's first stage, simulated on the CPU: every check passes with Composer, llm-foundry, streaming
+    and omegaconf unimportable (under transformers 5 as well: scripts/test_compat.sh runs this test there)."""
+    argv = [str(STAGE1), '--cpu', '--out', str(tmp_path), '--warmup', '1', '--rounds', '2', '--steps', '1']
+    code = RUN_WITHOUT.format(absent=ABSENT, argv=argv, script=str(STAGE1))
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), str(ROOT / 'bench')])}
+    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=900, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert lines[-2] == 'checks failed: 0 of 7' and lines[-1].startswith('masked_step_throughput_ratio: ')
+    assert 0 < float(lines[-1].split()[-1]) < 10
+    assert 'not installed: composer, llmfoundry, streaming, omegaconf |' in res.stdout
+    printed = [line for line in lines if line.startswith('|')]
+    assert (tmp_path / 'gpu_check.md').read_text().splitlines() == printed  # the header and every row, as printed
+    for check in ('masked = exported | float32', 'masked = exported | bfloat16',
+                  'training step, bf16 autocast | masked', 'one-shot export', 'one-shot masked = exported',
+                  'distillation loss', 'torch.compile, masked model'):
+        assert any(check in r for r in printed), check

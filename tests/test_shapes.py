@@ -80,3 +80,23 @@ def test_mha_target_heads_alone_keeps_mha():
     source = ModelShape.from_config(LLAMA2_7B)
     target = source.resolve_target({'num_attention_heads': 16})
     assert target.num_key_value_heads == 16 and target.queries_per_group == 1
+
+
+def test_a_target_the_installed_transformers_cannot_hold_is_refused_before_pruning():
+    """transformers 5 requires hidden_size to be a multiple of num_attention_heads (whatever head_dim is): such a
+    target is refused by apply_shear_pruning and prune_oneshot before anything changes; transformers 4 accepts it."""
+    import transformers
+
+    from composer_shear import apply_shear_pruning, prune_oneshot
+    from composer_shear.testing import tiny_model
+    model = tiny_model(llama_config('gqa'))  # hidden 64, 8 query heads in 2 KV groups
+    target = dict(num_attention_heads=6, num_key_value_heads=2)  # 64 is not a multiple of 6
+    if int(transformers.__version__.split('.')[0]) >= 5:
+        for prune in (lambda: apply_shear_pruning(model, target, ['head']),
+                      lambda: prune_oneshot(model, target, [torch.zeros(1, 4, dtype=torch.long)], ['head'])):
+            with pytest.raises(ShapeError, match='cannot hold the target shape'):
+                prune()
+        assert not hasattr(model, 'shear_masks') and all(not m._forward_hooks for m in model.modules())
+    else:
+        masks = apply_shear_pruning(model, target, ['head'])
+        assert masks.target.num_attention_heads == 6
