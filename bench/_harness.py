@@ -21,12 +21,14 @@ MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': str(1 << 20)}
 
 
 class StepTimer(Callback):
-    """perf_counter() at BATCH_START and BATCH_END of every training step (`sync`: after waiting for the GPU)."""
+    """perf_counter() at BATCH_START and BATCH_END of every training step (`sync`: after waiting for the GPU, and
+    the peak GPU memory allocated during its own steps in `peak_bytes`, so that interleaved arms are measured apart)."""
 
     def __init__(self, sync: bool = False):
         self.times: list[float] = []
         self._start = None
         self.sync = sync
+        self.peak_bytes = 0
 
     def _now(self) -> float:
         if self.sync:
@@ -35,10 +37,16 @@ class StepTimer(Callback):
         return time.perf_counter()
 
     def batch_start(self, state, logger):
+        if self.sync:
+            import torch
+            torch.cuda.reset_peak_memory_stats()
         self._start = self._now()
 
     def batch_end(self, state, logger):
         self.times.append(self._now() - self._start)
+        if self.sync:
+            import torch
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated())
 
 
 def fmt_ms(seconds: float) -> str:

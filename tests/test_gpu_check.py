@@ -31,13 +31,13 @@ def test_arguments_table_and_ratio(capsys):
     args = gc.parse_args(['--cpu'])
     assert (args.batch, args.seq, args.fsdp) == (4, 32, ['2'])
     args = gc.parse_args([])
-    assert (args.batch, args.seq, args.fsdp) == (16, 2048, ['1', '2'])
+    assert (args.batch, args.seq, args.fsdp, args.big_batch) == (8, 2048, ['1', '2'], 4)
     for bad, message in ((['--cpu', '--fsdp', '1'], '1 needs CUDA'), (['--steps', '0'], '--steps must be at least 1'),
                          (['--fsdp', '3'], 'choose from 1 and 2')):
         with pytest.raises(SystemExit) as e:
             gc.parse_args(bad)
         assert e.value.code == 2 and message in capsys.readouterr().err
-    table = gc.format_table([{'check': 'a', 'setting': 'b', 'result': 'c', 'ok': True},
+    table = load_bench('_table').format_table([{'check': 'a', 'setting': 'b', 'result': 'c', 'ok': True},
                              {'check': 'd', 'setting': 'e', 'result': 'f', 'ok': False},
                              {'check': 'g', 'setting': 'h', 'result': 'i', 'ok': None}])
     assert table.splitlines() == ['| check | setting | result | ok |', '|---|---|---|---|', '| a | b | c | yes |',
@@ -71,14 +71,27 @@ def test_the_whole_check_on_cpu(tmp_path):
                           '--rounds', '2', '--steps', '1'], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = res.stdout.splitlines()
-    assert lines[-2] == 'checks failed: 0 of 6' and lines[-1].startswith('pruning_throughput_ratio: ')
+    assert lines[-2] == 'checks failed: 0 of 4' and lines[-1].startswith('pruning_throughput_ratio: ')
     assert 0 < float(lines[-1].split()[-1]) < 10
     rows = [line for line in lines if line.startswith('| ')]
-    for check in ('masked = exported | float32', 'masked = exported | bfloat16', 'FSDP2 training throughput | plain',
-                  'FSDP2 training throughput | pruned+kd', 'sharded FSDP2 checkpoint exports = masked model',
+    for check in ('FSDP2 training throughput | plain', 'FSDP2 training throughput | pruned+kd',
+                  'sharded FSDP2 checkpoint exports = masked model',
                   'composer-shear reference-loss', 'composer-shear eval'):
         assert any(check in r for r in rows), check
     assert (tmp_path / 'fsdp2' / 'export' / 'config.json').exists()  # the sharded checkpoint's export
+    assert (tmp_path / 'fsdp2' / 'launch.log').stat().st_size > 0  # the ranks' output is kept
+    written = (tmp_path / 'gpu_check.md').read_text().splitlines()
+    assert len(written) == 2 + 3 + 1 + 3 and all(line in lines for line in written)  # header, rows as printed
+
+
+def test_stage2_without_the_stack_says_why_in_one_row_and_exits_0(tmp_path):
+    code = RUN_WITHOUT.format(absent=ABSENT, argv=[str(SCRIPT), '--cpu', '--out', str(tmp_path)], script=str(SCRIPT))
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), str(ROOT / 'bench')])}
+    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = (tmp_path / 'gpu_check.md').read_text().splitlines()[2:]
+    assert len(rows) == 1 and 'not run: the MosaicML stack does not import (composer: ' in rows[0]
+    assert res.stdout.splitlines()[-1] == 'pruning_throughput_ratio: n/a'
 
 
 def test_big_model_and_target_are_a_valid_pruning():
