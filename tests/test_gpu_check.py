@@ -134,3 +134,17 @@ def test_stage1_runs_where_only_torch_and_transformers_are_installed(tmp_path):
                   'training step, bf16 autocast | masked', 'one-shot export', 'one-shot masked = exported',
                   'distillation loss', 'torch.compile, masked model'):
         assert any(check in r for r in printed), check
+
+
+def test_the_carried_wheels_pin_the_stack_this_repository_pins():
+    """bench/gpu_wheels.txt (stage 2's wheels for the GPU machine) holds the MosaicML stack at the versions
+    pyproject.toml pins and the transformers release installed here, each package once."""
+    import importlib.metadata as md
+    lines = [line.split('#')[0].strip() for line in (ROOT / 'bench' / 'gpu_wheels.txt').read_text().splitlines()]
+    pins = dict(line.split('==') for line in lines if line)
+    assert len(pins) == len([line for line in lines if line])  # no package twice
+    pyproject = (ROOT / 'pyproject.toml').read_text()
+    for name in ('mosaicml', 'llm-foundry'):
+        assert f'"{name}=={pins[name]}"' in pyproject, name
+    assert pins['transformers'] == md.version('transformers')
+    assert pins['mosaicml-streaming'].startswith('0.12.')
