@@ -12,8 +12,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
 PY=${PYTHON:-python3}
-STAGE1_S=${STAGE1_S:-240}
-STAGE2_S=${STAGE2_S:-270}
+STAGE1_S=${STAGE1_S:-220}
+STAGE2_S=${STAGE2_S:-260}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"
 STACK_PATH=  # stage 2 only: the wheels hold the pinned transformers, which stage 1 must not see
