@@ -14,13 +14,14 @@ OUT=${OUT:-$PWD/gpu_check_out}
 PY=${PYTHON:-python3}
 STAGE1_S=${STAGE1_S:-220}
 STAGE2_S=${STAGE2_S:-260}
-mkdir -p "$OUT"
+WORK=${WORK:-$PWD/.gpu_check}  # the installed wheels and stage 2's checkpoints and exports (git ignores it)
+mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"
 STACK_PATH=  # stage 2 only: the wheels hold the pinned transformers, which stage 1 must not see
 if compgen -G '.whl/*.whl' > /dev/null; then
-    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site \
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
             .whl/*.whl > "$OUT/wheels.log" 2>&1; then
-        STACK_PATH=:/tmp/gpu_check_site
+        STACK_PATH=:$WORK/site
     else
         echo "gpu_check: the carried wheels did not install (see $OUT/wheels.log)"
     fi
@@ -30,7 +31,7 @@ status=0
 timeout "$STAGE1_S" "$PY" bench/gpu_stage1.py --out "$OUT" "$@" 2>&1 | tee "$OUT/stage1.log"
 rc=${PIPESTATUS[0]}; [ "$rc" -eq 124 ] && echo "gpu_check: stage 1 stopped at its ${STAGE1_S} s limit"
 [ "$rc" -ne 0 ] && status=1
-PYTHONPATH="$PYTHONPATH$STACK_PATH" timeout "$STAGE2_S" "$PY" bench/gpu_check.py --out /tmp/gpu_check_work --table "$OUT" "$@" 2>&1 | tee "$OUT/stage2.log"
+PYTHONPATH="$PYTHONPATH$STACK_PATH" timeout "$STAGE2_S" "$PY" bench/gpu_check.py --out "$WORK/stage2" --table "$OUT" "$@" 2>&1 | tee "$OUT/stage2.log"
 rc=${PIPESTATUS[0]}; [ "$rc" -eq 124 ] && echo "gpu_check: stage 2 stopped at its ${STAGE2_S} s limit"
 [ "$rc" -ne 0 ] && status=1
 echo "gpu_check: table in $OUT/gpu_check.md"

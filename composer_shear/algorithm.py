@@ -146,17 +146,18 @@ class ShearPruning(Algorithm):
                 f'multiplier_update={self.multiplier_update!r})')
 
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.BATCH_START, Event.BEFORE_FORWARD, Event.AFTER_LOSS, Event.EVAL_START,
-                         Event.AFTER_TRAIN_BATCH, Event.BATCH_END)
+        return event in (Event.INIT, Event.FIT_START, Event.BATCH_START, Event.BEFORE_FORWARD, Event.AFTER_LOSS,
+                         Event.EVAL_START, Event.AFTER_TRAIN_BATCH, Event.BATCH_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
             self._attach(state)
+        elif event == Event.FIT_START:  # after wrapping and any checkpoint load: the fp32 values the forward reads
+            refresh_fp32(self.masks(state))  # (then clamp_masks at each BATCH_END, the init after its copy)
         elif event == Event.BATCH_START:
             self._microbatch = 0
             if not self._initialized:
                 self._init_from_activations(state)
-            refresh_fp32(self.masks(state))  # after a resume or an init: the fp32 values the forward reads
             if self.mask_lr_schedule == 'constant':
                 self._constant_mask_lr(state)
         elif event == Event.BEFORE_FORWARD:

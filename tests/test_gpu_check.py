@@ -22,6 +22,13 @@ RUN_WITHOUT = ('import runpy, sys\nfor m in {absent!r}: sys.modules[m] = None\ns
                'runpy.run_path({script!r}, run_name="__main__")')
 
 
+def run_without_stack(argv, timeout):
+    """Run the bench script argv[0] with `argv` in a fresh interpreter where the ABSENT modules do not import."""
+    code = RUN_WITHOUT.format(absent=ABSENT, argv=argv, script=argv[0])
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), str(ROOT / 'bench')])}
+    return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=timeout, env=env)
+
+
 def load():
     return load_bench('gpu_check')
 
@@ -85,9 +92,7 @@ def test_the_whole_check_on_cpu(tmp_path):
 
 
 def test_stage2_without_the_stack_says_why_in_one_row_and_exits_0(tmp_path):
-    code = RUN_WITHOUT.format(absent=ABSENT, argv=[str(SCRIPT), '--cpu', '--out', str(tmp_path)], script=str(SCRIPT))
-    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), str(ROOT / 'bench')])}
-    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300, env=env)
+    res = run_without_stack([str(SCRIPT), '--cpu', '--out', str(tmp_path)], timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = (tmp_path / 'gpu_check.md').read_text().splitlines()[2:]
     assert len(rows) == 1 and 'not run: the MosaicML stack does not import (composer: ' in rows[0]
@@ -120,9 +125,7 @@ def test_stage1_runs_where_only_torch_and_transformers_are_installed(tmp_path):
     """The GPU machine's first stage, simulated on the CPU: every check passes with Composer, llm-foundry, streaming
     and omegaconf unimportable (under transformers 5 as well: scripts/test_compat.sh runs this test there)."""
     argv = [str(STAGE1), '--cpu', '--out', str(tmp_path), '--warmup', '1', '--rounds', '2', '--steps', '1']
-    code = RUN_WITHOUT.format(absent=ABSENT, argv=argv, script=str(STAGE1))
-    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), str(ROOT / 'bench')])}
-    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=900, env=env)
+    res = run_without_stack(argv, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = res.stdout.splitlines()
     assert lines[-2] == 'checks failed: 0 of 7' and lines[-1].startswith('masked_step_throughput_ratio: ')
