@@ -66,6 +66,24 @@ ARMS = {
     # the masks and multipliers at lag_lr from step 1 instead of following the warm-up + cosine (item 5)
     'sheared+init-lrconst': dict(prune='learned', dynamic=True, init=True, pruning={'mask_lr_schedule': 'constant'}),
 }
+# The fair laboratory (issue 26): what the learned arms did differently from the one-shot arms that is not the method,
+# each removable on its own, in the order the ablation adds them:
+#   mix       the continued stage starts from the RedPajama mix, not the pruning stage's final (collapsed) one
+#   schedule  one weight learning-rate schedule over both stages: the one-shot arm's (peak 3e-4, 10 % warm-up, cosine
+#             to 0.1 over the whole budget), instead of 1e-4 while pruning and a fresh warm-up to 3e-4 afterwards
+#   cursors   the continued stage reads each domain from where the pruning stage stopped (no sequence seen twice)
+#   sure      mask logits in [-ln 1e4, ln 1e4]: the kept structures of the importance start sit near certainty (a
+#             kept entry below 0.5 on ~0.2 % of draws instead of ~11 %), the Lagrangian still satisfied
+#   settle    the last 20 % of pruning trains the exact-target sub-network (no sampling): export changes nothing
+FIXES = ('mix', 'schedule', 'cursors', 'sure', 'settle')
+ARMS['fair+kd'] = dict(prune='learned', dynamic=True, init=True, kd=True, fixes=FIXES)  # every fix
+for _i in range(1, len(FIXES)):  # the one-seed ablation: the fixes added one at a time to sheared+init+kd
+    ARMS['sheared+init+kd+' + '+'.join(FIXES[:_i])] = dict(prune='learned', dynamic=True, init=True, kd=True,
+                                                           fixes=FIXES[:_i])
+SETTLE = '0.2dur'
+SURE_LOG_ALPHA_MAX = math.log(1e4)
+# 2: the fair laboratory (issue 26): domain_eval in-loop losses, step-0 evals, the learned arms' fair stages
+LAB_VERSION = 2
 DEFAULT_SEED = 17  # the demo YAMLs' seed
 KD = {'alpha': 1.0, 'temperature': 1.0}  # distillation only, as Minitron retrains (the teacher is the source)
 CALIBRATION_SEQS = 8  # per domain: the one-shot ranking's data; init arms rank on as many training sequences
@@ -75,10 +93,10 @@ def stage_cfg(stage: str, b: dict, out: Path, model: Path, data: Path, ref: Path
               extra: dict):
     """composer_shear/yamls/demo/<stage>.yaml for the 7 RedPajama domains at budget `b`."""
     cfg = OmegaConf.load(ROOT / 'composer_shear' / 'yamls' / 'demo' / f'{stage}.yaml')
-    eval_loaders = [{'label': d, 'name': 'text', 'drop_last': False, 'num_workers': 0, 'prefetch_factor': None,
+    # domain_eval: every token a target, as the reference losses and the final eval count them
+    eval_loaders = [{'label': d, 'name': 'domain_eval', 'drop_last': False, 'num_workers': 0, 'prefetch_factor': None,
                      'persistent_workers': False,
-                     'dataset': {'local': str(data / 'eval'), 'split': d, 'max_seq_len': b['seq'], 'shuffle': False}}
-                    for d in DOMAINS]
+                     'dataset': {'local': str(data), 'domain': d, 'max_seq_len': b['seq']}} for d in DOMAINS]
     over = {'variables': {'source_model': str(model), 'data': str(data), 'reference_loss': str(ref),
                           'domains': DOMAINS, 'proportions': [float(w) for w in proportions],
                           'interval_batches': b['interval']},
@@ -86,8 +104,10 @@ def stage_cfg(stage: str, b: dict, out: Path, model: Path, data: Path, ref: Path
             'max_seq_len': b['seq'], 'global_train_batch_size': b['batch'], 'device_train_microbatch_size': b['batch'],
             'device_eval_batch_size': b['batch'], 'eval_subset_num_batches': b['eval_batches'],
             'train_loader': {'dataset': {'epoch_size': b['interval'] * b['batch']}},
-            'loggers': {'inmemory': {}}, 'python_log_level': 'error'}
+            'loggers': {'inmemory': {}}, 'callbacks': {'lr_monitor': {}}, 'python_log_level': 'error'}
     cfg = OmegaConf.merge(cfg, over, extra)
+    if 'scheduler' in extra:  # the stage's own schedule, not merged into the YAML's (whose keys may differ)
+        cfg.scheduler = extra['scheduler']
     cfg.eval_loaders = eval_loaders
     return cfg
 
@@ -113,10 +133,16 @@ def stage_main(cfg_path: str, out: str):
     mem = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger))
     key = 'loss/train/ce' if 'loss/train/ce' in mem.data else 'loss/train/total'
     curve = [(int(ts.batch) + 1, float(v)) for ts, v in mem.data[key]]  # logged during step N+1 (0-based ts)
+    lr = [(int(ts.batch), float(v)) for ts, v in mem.data.get('lr-DecoupledAdamW/group0', [])]  # the weights' rate
+    # how often a training draw scaled a kept structure below 0.5, at the first step and over the run
+    below = {k.rsplit('/', 1)[1]: [float(v) for _, v in vals] for k, vals in mem.data.items()
+             if k.startswith('pruning/kept_below_half/')}
     dyn = next(c for c in trainer.state.callbacks if isinstance(c, DynamicLoading))
     trainer.close()
-    Path(out).write_text(json.dumps({'seconds': seconds, 'curve': curve, 'initial': dyn.initial,
-                                     'history': dyn.history, 'weights': dyn.weights.tolist()}))
+    Path(out).write_text(json.dumps({'seconds': seconds, 'curve': curve, 'lr': lr, 'initial': dyn.initial,
+                                     'history': dyn.history, 'weights': dyn.weights.tolist(),
+                                     'below_half': {k: {'first': v[0], 'mean': float(np.mean(v))}
+                                                    for k, v in below.items() if v}}))
 
 
 def final_eval(model_dir: Path, data: Path, seq: int, n: int) -> dict:
@@ -182,31 +208,61 @@ def arm_overrides(arm: str, seed: int, source: Path) -> tuple[dict, dict]:
     return common, kd
 
 
+PEAK_LR = {'prune': 1e-4, 'continue': 3e-4}  # the handicapped learned arms' pruning rate, everyone's continued rate
+
+
+def schedule(total: int, start: int, lr: float) -> dict:
+    """A stage's weight learning rate: the part from step `start` of one warm-up (10 %) + cosine (to 0.1) over `total`
+    steps at peak `lr` (start 0 and total = the stage's steps: Composer's cosine_with_warmup over the stage)."""
+    return {'optimizer': {'lr': lr},
+            'scheduler': {'name': 'staged_cosine_with_warmup', 't_warmup': f'{int(0.1 * total)}ba',
+                          't_max': f'{total}ba', 'alpha_f': 0.1, 't_start': f'{start}ba'}}
+
+
 def run_arm(arm: str, seed: int, out: Path, b: dict, source: Path, data: Path, ref: Path, target: dict) -> dict:
     """Train one arm with one seed end to end; returns its stages, final per-domain eval and model folder."""
     from composer_shear.export import export_checkpoint
     spec = ARMS[arm]
-    a = {'arm': arm, 'seed': seed, 'stages': {}}
+    fixes = set(spec.get('fixes', ()))
+    a = {'arm': arm, 'seed': seed, 'stages': {}, 'fixes': sorted(fixes, key=FIXES.index)}
     folder = out / run_name(arm, seed)
     total = b['prune'] + b['cont']
     common, kd = arm_overrides(arm, seed, source)
+    # the continued stage reads the data afresh unless the arm carries the pruning stage's cursors over
+    cont_extra = OmegaConf.create({'variables': {'pruning_run': str(folder / 'prune')},
+                                   'callbacks': {'dynamic_loading': {'continue_from': None}}})
     if spec['prune'] == 'learned':
         init = {'from': 'activations', 'batches': max(1, CALIBRATION_SEQS * len(DOMAINS) // b['batch'])}
-        pruning = {'target': target, **({'init': init} if spec.get('init') else {}), **spec.get('pruning', {})}
+        pruning = {'target': target, 'eval_target_shape': True, **({'init': init} if spec.get('init') else {}),
+                   'log_alpha_max': SURE_LOG_ALPHA_MAX if 'sure' in fixes else math.log(100),
+                   'settle': SETTLE if 'settle' in fixes else None, **spec.get('pruning', {})}
+        # one schedule over both stages at the continued peak, or (the handicap) 1e-4 over the pruning stage alone
+        prune_extra = (schedule(total, 0, PEAK_LR['continue']) if 'schedule' in fixes
+                       else schedule(b['prune'], 0, PEAK_LR['prune']))
         cfg = stage_cfg('prune', b, folder / 'prune', source, data, ref, RP_MIX, b['prune'],
-                        OmegaConf.merge(common, kd, {'algorithms': {'shear_pruning': pruning}}))
+                        OmegaConf.merge(common, kd, prune_extra, {'algorithms': {'shear_pruning': pruning}}))
         a['stages']['prune'] = run_stage(cfg, folder / 'prune')
         start = time.perf_counter()
         export_checkpoint(folder / 'prune' / 'latest-rank0.pt', folder / 'pruned', source=str(source),
                           overwrite=True)
         a['stages']['export'] = {'seconds': time.perf_counter() - start}
-        start_model, steps, mix = folder / 'pruned', b['cont'], a['stages']['prune']['weights']
+        start_model, steps = folder / 'pruned', b['cont']
+        mix = RP_MIX if 'mix' in fixes else a['stages']['prune']['weights']
+        cont_extra = OmegaConf.merge(cont_extra, schedule(total, b['prune'], PEAK_LR['continue']) if 'schedule' in fixes
+                                     else schedule(b['cont'], 0, PEAK_LR['continue']))
+        if 'cursors' in fixes:  # the loader goes on where pruning stopped; the mix as chosen above
+            cont_extra = OmegaConf.merge(cont_extra, {'callbacks': {'dynamic_loading': {
+                'continue_from': str(folder / 'prune' / 'dynamic_loading.json'),
+                'initial': 'initial_mix' if 'mix' in fixes else 'pruning_end'}}})
     else:  # one-shot: the pruned model; scratch: the same architecture (its weights are not used)
         seconds = oneshot_model(source, data, folder / 'pruned', b, target)
         if spec['prune'] == 'oneshot':
             a['stages']['oneshot'] = {'seconds': seconds}
         start_model, steps, mix = folder / 'pruned', total, RP_MIX
-    update = OmegaConf.merge(common, kd)
+        cont_extra = OmegaConf.merge(cont_extra, schedule(total, 0, PEAK_LR['continue']))
+    if spec['prune'] is not None:  # step 0 of continued pre-training: the exported or one-shot model as it starts
+        a['step0'] = final_eval(start_model, data, b['seq'], b['final_eval_seqs'])
+    update = OmegaConf.merge(common, kd, cont_extra)
     if spec['prune'] is None:
         update.model = {'pretrained': False}
         update.optimizer = {'lr': 1e-3}  # a from-scratch model gets the usual small-model learning rate
@@ -241,7 +297,8 @@ def run(args) -> dict:
     results = {'budget': b, 'target': target, 'tokens_per_step': b['batch'] * b['seq'], 'kd': KD, 'arms': {}}
     results['source'] = final_eval(source, data, b['seq'], b['final_eval_seqs'])
 
-    key = {'budget': b, 'target': target, 'source': str(source), 'data': str(Path(args.data).resolve())}
+    key = {'budget': b, 'target': target, 'source': str(source), 'data': str(Path(args.data).resolve()),
+           'lab': LAB_VERSION}
     for seed in args.seeds:
         for arm in args.arms:
             name = run_name(arm, seed)
@@ -395,6 +452,26 @@ def report(r: dict, out: Path) -> str:
     for name, ev in rows.items():
         lines.append(f'| {name} (ppl) | ' + ' | '.join(f'{math.exp(ev[d]):.1f}' for d in DOMAINS)
                      + f' | {math.exp(sum(ev.values()) / len(DOMAINS)):.1f} | |')
+    started = {arm: a for arm, a in r['arms'].items() if 'step0' in a}
+    if started:  # where the gap opens: the model each arm's continued pre-training starts from, and where it ends
+        lines += ['', 'Eval loss at step 0 of continued pre-training (right after export, or the one-shot model) and '
+                  'at the end (average over the 7 domains; worst excess over the source):', '',
+                  '| arm | step 0 average | step 0 worst excess | final average | final worst excess |',
+                  '|---' * 5 + '|']
+        for arm, a in started.items():
+            row = [a['step0'], a['eval']]
+            lines.append(f'| {arm} | ' + ' | '.join(f'{sum(e.values()) / len(DOMAINS):.3f} | '
+                                                    f'{max(e[d] - r["source"][d] for d in DOMAINS):.3f}'
+                                                    for e in row) + ' |')
+    noisy = {arm: a['stages']['prune']['below_half'] for arm, a in r['arms'].items()
+             if a['stages'].get('prune', {}).get('below_half')}
+    if noisy:  # structured dropout: how often a training draw scales a structure export keeps below 0.5
+        names = sorted({k for v in noisy.values() for k in v})
+        lines += ['', 'Fraction of training draws that scale a kept structure below 0.5 (first pruning step / mean '
+                  'over the stage):', '', '| arm | ' + ' | '.join(names) + ' |', '|---' * (len(names) + 1) + '|']
+        for arm, v in noisy.items():
+            lines.append(f'| {arm} | ' + ' | '.join(f'{v[k]["first"]:.4f} / {v[k]["mean"]:.4f}' if k in v else '-'
+                                                    for k in names) + ' |')
     lines += ['', '| arm | ' + ' | '.join(('prune', 'export', 'oneshot', 'continue')) + ' | total |', '|---' * 6 + '|']
     for arm, a in r['arms'].items():
         secs = [a['stages'].get(s, {}).get('seconds') for s in ('prune', 'export', 'oneshot', 'continue')]

@@ -19,7 +19,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -220,14 +220,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ref_file = out / 'reference_loss.json'
     ref = reference_loss(source_dir, data, ref_file, max_batches=2)['losses']
 
-    def overrides(stage: str, model: str | os.PathLike, proportions: Iterable[float]) -> dict[str, Any]:
+    total_steps = steps['prune'] + steps['continue']
+
+    def overrides(stage: str, model: str | os.PathLike) -> dict[str, Any]:
+        # one schedule over both stages; the continued stage reads on from where pruning stopped
         return {'variables.source_model': model, 'variables.data': data, 'variables.reference_loss': ref_file,
-                'variables.proportions': '[' + ','.join(repr(float(w)) for w in proportions) + ']',
-                'save_folder': out / stage, 'max_duration': f'{steps[stage]}ba',
-                'train_loader.dataset.epoch_size': interval * batch}
+                'variables.prune_batches': steps['prune'], 'variables.total_batches': total_steps,
+                'variables.warmup_batches': int(0.1 * total_steps), 'save_folder': out / stage,
+                'max_duration': f'{steps[stage]}ba', 'train_loader.dataset.epoch_size': interval * batch,
+                **({'variables.pruning_run': out / 'prune'} if stage == 'continue' else {})}
 
     step(4, f'pruning {steps["prune"]} steps (yamls/demo/prune.yaml), dynamic loading every {interval} steps')
-    prune_overrides = overrides('prune', source_dir, initial)
+    prune_overrides = overrides('prune', source_dir)
     if args.init_from:
         prune_overrides['algorithms.shear_pruning.init.from'] = args.init_from
     prune_dyn, prune_s = train('prune', prune_overrides, args.distill, source_dir)
@@ -236,8 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = export_checkpoint(out / 'prune' / 'latest-rank0.pt', pruned_dir, source=str(source_dir),
                                overwrite=True)
     step(6, f'continued pre-training {steps["continue"]} steps (yamls/demo/continue.yaml), dynamic loading')
-    cont_dyn, cont_s = train('continue', overrides('continue', pruned_dir, prune_dyn.weights), args.distill,
-                                  source_dir)
+    cont_dyn, cont_s = train('continue', overrides('continue', pruned_dir), args.distill, source_dir)
     final_dir = out / 'continue' / 'huggingface' / f'ba{steps["continue"]}'
 
     step(7, 'comparing the models')
@@ -291,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  for name, m in icl['models'].items()}
     (out / 'results.json').write_text(json.dumps(summary, indent=1))
     history = {'pruning': (initial, prune_dyn.history),
-               'continued pre-training': (list(prune_dyn.weights), cont_dyn.history)}
+               'continued pre-training': (cont_dyn.initial, cont_dyn.history)}
     plots(out, domains, history, report)
     print(text)
     print(f'outputs in {out}: results.md, domain_weights.png, masks.png, pruned/ (exported), '

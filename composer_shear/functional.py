@@ -43,7 +43,7 @@ from composer_shear.surgery import build_model, prune_to_target, pruned_config
 log = logging.getLogger(__name__)
 
 __all__ = ['apply_shear_pruning', 'ascend_multipliers', 'clamp_masks', 'hf_model_of', 'init_masks_from_importance',
-           'prune_model', 'prune_oneshot', 'sample_masks', 'set_eval_masks', 'update_domain_weights']
+           'prune_model', 'prune_oneshot', 'sample_masks', 'set_eval_masks', 'settle_masks', 'update_domain_weights']
 
 Target = Mapping[str, Any] | str
 MULTIPLIER_UPDATES = ('adam', 'ascent')
@@ -67,7 +67,7 @@ def apply_shear_pruning(model: nn.Module, target: Target, pruning_modules: Seque
                         optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
                         lag_lr: float = 1.0, init_log_alpha: float = LOG_ALPHA_MAX, init_noise: float = 0.0,
                         seed: int = 0, mask_values: str = DEFAULT_MASK_VALUES,
-                        multiplier_update: str = 'adam') -> ShearMasks:
+                        multiplier_update: str = 'adam', log_alpha_max: float = LOG_ALPHA_MAX) -> ShearMasks:
     """Attach hard-concrete masks and their Lagrange multipliers to a LLaMA-family model.
 
     Creates a :class:`ShearMasks` for the exact `target` shape (validated against the model before anything
@@ -94,6 +94,9 @@ def apply_shear_pruning(model: nn.Module, target: Target, pruning_modules: Seque
         multiplier_update: ``adam`` (the paper's: the multipliers are a group of the optimizer at ``-lag_lr``, so
             each moves by about the learning rate per step whatever its gradient) or ``ascent`` (plain gradient
             ascent, lambda += lr * dL/dlambda, by :func:`ascend_multipliers`).
+        log_alpha_max: the mask logits are kept in [-log_alpha_max, log_alpha_max] (the paper's ln 100). A wider
+            range lowers the keep probability of dropped entries (0.047 at ln 100, 0.0005 at ln 1e4), so that the
+            kept ones can sit nearer certainty while the expected shape is the target: less structured dropout.
 
     Returns:
         The mask module, on the model's device.
@@ -113,6 +116,9 @@ def apply_shear_pruning(model: nn.Module, target: Target, pruning_modules: Seque
     if multiplier_update not in MULTIPLIER_UPDATES:
         raise ConfigError(f'multiplier_update must be one of {", ".join(MULTIPLIER_UPDATES)}, '
                           f'got {multiplier_update!r}')
+    if isinstance(log_alpha_max, bool) or not isinstance(log_alpha_max, (int, float)) \
+            or not 0 < log_alpha_max < float('inf'):
+        raise ConfigError(f'log_alpha_max must be a positive number, got {log_alpha_max!r}')
     hf = hf_model_of(model)
     source = ModelShape.from_config(hf.config)
     modules = validate_pruning_modules(pruning_modules)
@@ -125,7 +131,7 @@ def apply_shear_pruning(model: nn.Module, target: Target, pruning_modules: Seque
     if device.type == 'meta':
         device = torch.device('cpu')
     masks = ShearMasks(source, target_shape, modules, init_log_alpha=init_log_alpha, init_noise=init_noise,
-                       seed=seed, values=mask_values).to(device)
+                       seed=seed, values=mask_values, limit=log_alpha_max).to(device)
     masks.hooks = MaskedForward(hf, source)
     if owner is not None:
         setattr(owner, MASKS_ATTR, masks)
@@ -171,6 +177,21 @@ def sample_masks(masks: nn.Module, progress: float,
 
 
 @torch.no_grad()
+def settle_masks(masks: nn.Module, progress: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Train with the exact-target deterministic masks (what export keeps: no sampling, kept entries at their export
+    value) for a settled phase at the end of pruning: install them and return a zero Lagrangian that still touches
+    every mask parameter (so DDP sees a gradient for each), with the usual statistics. Keep the mask and multiplier
+    learning rates at 0 meanwhile, so that the selection stays what it is.
+
+    Example:
+        >>> lagrangian, _ = settle_masks(masks)   # the model trains the sub-network export will keep
+        >>> loss = model(**batch).loss + lagrangian
+    """
+    z, lagrangian, stats = masks('target', progress=progress)
+    masks.hooks.set(z)
+    return lagrangian * 0.0, stats
+
+
 def set_eval_masks(masks: nn.Module, exact_target: bool = True) -> None:
     """Install deterministic masks for evaluation: exactly the target count per row (what export keeps), or
     the count the masks currently expect (``exact_target=False``).
@@ -211,7 +232,7 @@ def init_masks_from_importance(masks: ShearMasks, scores: Mapping[str, torch.Ten
     whole = FSDP.summon_full_params(masks, writeback=True) if isinstance(masks, FSDP) else nullcontext()
     with whole:
         for s in masks.structures:
-            log_alpha = selection_log_alpha(keep[s.name], s.target)
+            log_alpha = selection_log_alpha(keep[s.name], s.target, masks.limit)
             param = masks.log_alpha[s.name]
             value = log_alpha.to(param.device, param.dtype)
             if hasattr(param, 'device_mesh'):  # an FSDP2-sharded parameter (DTensor): copy the local shard
@@ -241,14 +262,16 @@ def ascend_multipliers(masks: nn.Module, lr: float) -> None:
 
 @torch.no_grad()
 def clamp_masks(masks: nn.Module) -> None:
-    """Keep every mask logit in [-ln 100, ln 100] and refresh the exact fp32 values the forward reads under FSDP
-    mixed precision (call after each optimizer step on every rank, and once after wrapping the model with FSDP).
+    """Keep every mask logit in [-limit, limit] (``ShearMasks.limit``, default ln 100) and refresh the exact fp32
+    values the forward reads under FSDP mixed precision (call after each optimizer step on every rank, and once after
+    wrapping the model with FSDP).
 
     Example:
         >>> opt.step(); clamp_masks(masks)
     """
+    limit = getattr(masks, 'limit', LOG_ALPHA_MAX)
     for p in masks.log_alpha.values():
-        p.clamp_(-LOG_ALPHA_MAX, LOG_ALPHA_MAX)
+        p.clamp_(-limit, limit)
     refresh_fp32(masks)
 
 

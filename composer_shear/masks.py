@@ -49,24 +49,31 @@ def soft_value(log_alpha: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(log_alpha / BETA * SHARPEN)
 
 
-def log_alpha_for_score(score: torch.Tensor | float) -> torch.Tensor:
+def log_alpha_for_score(score: torch.Tensor | float, limit: float = LOG_ALPHA_MAX) -> torch.Tensor:
     """The log alpha whose expected score (P(gate != 0)) is `score`: the inverse of `expected_score`, clamped to
-    the range log alpha is kept in."""
+    the range log alpha is kept in ([-limit, limit])."""
     score = torch.as_tensor(score, dtype=torch.float32).clamp(EPS, 1 - EPS)
-    return (BETA * _LOG_RATIO - torch.logit(1 - score)).clamp(-LOG_ALPHA_MAX, LOG_ALPHA_MAX)
+    return (BETA * _LOG_RATIO - torch.logit(1 - score)).clamp(-limit, limit)
 
 
-def selection_log_alpha(keep: torch.Tensor, target: int) -> torch.Tensor:
+def below_half(log_alpha: torch.Tensor) -> torch.Tensor:
+    """P(gate < 0.5) of each entry's training draw: the gate is below 0.5 exactly when the uniform noise u is below
+    sigmoid(-log_alpha) (the stretch maps s = 0.5 to 0.5)."""
+    return torch.sigmoid(-log_alpha)
+
+
+def selection_log_alpha(keep: torch.Tensor, target: int, limit: float = LOG_ALPHA_MAX) -> torch.Tensor:
     """Log alpha for a 0/1 selection `keep` ([size] or [rows, size], `target` ones per row): unselected entries at
-    the lower clamp, selected ones at the value that makes each row's expected count exactly `target`, so that the
-    exact-target deterministic masks are the selection and the expected sparsity is the target's (where the clamps
-    allow: with almost nothing pruned the selected entries stop at the upper clamp, about 0.2 % short; with more
-    than ~95 % pruned the floor's 0.047 per entry alone exceeds the target)."""
+    the lower clamp (-`limit`), selected ones at the value that makes each row's expected count exactly `target`,
+    so that the exact-target deterministic masks are the selection and the expected sparsity is the target's (where
+    the clamps allow: with almost nothing pruned the selected entries stop at the upper clamp, about 0.2 % short at
+    the paper's ln 100; with more than ~95 % pruned the floor's 0.047 per entry alone exceeds the target). A wider
+    `limit` lowers the floor, so the selected entries sit nearer certainty (ln 1e4: floor 0.0005)."""
     size = keep.shape[-1]
-    floor = float(expected_score(torch.tensor(-LOG_ALPHA_MAX)))
+    floor = float(expected_score(torch.tensor(-limit)))
     score = 1.0 - (size - target) / max(target, 1) * floor
-    high = log_alpha_for_score(max(score, floor + 1e-4))
-    return torch.where(keep.bool(), high, torch.full_like(keep, -LOG_ALPHA_MAX, dtype=torch.float32))
+    high = log_alpha_for_score(max(score, floor + 1e-4), limit)
+    return torch.where(keep.bool(), high, torch.full_like(keep, -limit, dtype=torch.float32))
 
 
 def expected_keep(log_alpha: torch.Tensor) -> torch.Tensor:
@@ -155,9 +162,10 @@ class ShearMasks(nn.Module):
 
     def __init__(self, source: ModelShape, target: ModelShape, modules: Iterable[str],
                  init_log_alpha: float = LOG_ALPHA_MAX, init_noise: float = 0.0, seed: int = 0,
-                 values: str = DEFAULT_MASK_VALUES) -> None:
+                 values: str = DEFAULT_MASK_VALUES, limit: float = LOG_ALPHA_MAX) -> None:
         super().__init__()
         self.source, self.target = source, target
+        self.limit = float(limit)  # log alpha is kept in [-limit, limit] (clamp_masks)
         self.structures = structures_for(source, target, modules)
         gen = torch.Generator().manual_seed(seed)
         self.log_alpha = nn.ParameterDict()
@@ -165,7 +173,7 @@ class ShearMasks(nn.Module):
             value = torch.full(s.shape, float(init_log_alpha))
             if init_noise:
                 value += init_noise * torch.randn(s.shape, generator=gen)
-            self.log_alpha[s.name] = nn.Parameter(value.clamp(-LOG_ALPHA_MAX, LOG_ALPHA_MAX))
+            self.log_alpha[s.name] = nn.Parameter(value.clamp(-self.limit, self.limit))
         # lambdas[i] = (lambda_1, lambda_2) of structure i
         self.lambdas = nn.Parameter(torch.zeros(len(self.structures), 2))
         self.register_buffer('target_shape', target_buffer(target))
@@ -239,6 +247,9 @@ class ShearMasks(nn.Module):
             stats[f'lambda_2/{s.name}'] = lam[i, 1]
             stats[f'target_sparsity/{s.name}'] = goal
             stats[f'expected_sparsity/{s.name}'] = sparsity.detach().mean()
+            # how often a training draw scales an entry the exact-target masks keep below 0.5
+            kept = deterministic(log_alpha[s.name], s.target, binary=True).bool()
+            stats[f'kept_below_half/{s.name}'] = below_half(log_alpha[s.name].detach())[kept].mean()
         stats.update(expected_shape(self.source, {k: v.detach() for k, v in scores.items()}))
         return z, lag, stats
 

@@ -38,7 +38,11 @@ def test_demo_runs_end_to_end(tmp_path):
     for stage, updates in (('prune', 2), ('continue', 1)):  # composer_shear/yamls/demo/*.yaml ran, with dynamic loading
         log = json.loads((out / stage / 'dynamic_loading.json').read_text())
         assert log['domains'] == ['code', 'reference', 'licenses'] and len(log['history']) == updates
-    assert log['initial'] != [0.6, 0.1, 0.3]  # continued pre-training starts from the pruning stage's weights
+    # continued pre-training starts again from the initial mix, its loader where pruning's stopped (no replay)
+    assert log['initial'] == [0.6, 0.1, 0.3]
+    pruning_log = json.loads((out / 'prune' / 'dynamic_loading.json').read_text())
+    assert sum(pruning_log['loader']['cursor']['offsets']) == 4 * 4  # 4 steps of 4 sequences read
+    assert log['loader']['cursor']['offsets'] != pruning_log['loader']['cursor']['offsets']
     assert '## Downstream accuracy' in table and '| arc_easy/0-shot | 6 |' in table
     down = json.loads((out / 'downstream.json').read_text())
     assert list(down['models']) == ['source', 'pruned', 'pruned + continued']

@@ -50,7 +50,7 @@ def test_reproduce_tiny_budget(tmp_path):
     cmd = [sys.executable, str(ROOT / 'bench' / 'reproduce.py'), '--budget', 'tiny', '--out', str(out),
            '--source', str(tmp_path / 'model'), '--data', str(tmp_path / 'corpus'), '--target', json.dumps(TARGET),
            '--tasks', str(tasks), '--icl-limit', '5', '--icl-max-seq-len', '128']
-    arms = ['sheared+init+kd', 'oneshot+kd', 'scratch']
+    arms = ['fair+kd', 'oneshot+kd', 'scratch']
     res = subprocess.run([*cmd, '--arms', ','.join(arms)], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert '(reusing' not in res.stdout
@@ -61,26 +61,40 @@ def test_reproduce_tiny_budget(tmp_path):
         assert len(a['eval']) == 7 and all(0 < v < 20 for v in a['eval'].values()), arm
         steps = 8 if arm in ('oneshot+kd', 'scratch') else 4  # equal tokens: 4 pruning + 4 continued steps
         assert a['stages']['continue']['curve'][-1][0] == steps, arm
-    cfg = OmegaConf.load(out / 'sheared+init+kd' / 'prune' / 'stage.yaml')
+    cfg = OmegaConf.load(out / 'fair+kd' / 'prune' / 'stage.yaml')
     assert cfg.algorithms.shear_distill.teacher == str(tmp_path / 'model')
-    assert cfg.algorithms.shear_pruning.init['from'] == 'activations'
-    assert cfg.algorithms.shear_pruning.init.batches == 14  # 8 x 7 domains: as many sequences as the one-shot arm
+    pruning = cfg.algorithms.shear_pruning
+    assert pruning.init['from'] == 'activations' and pruning.eval_target_shape and pruning.settle == '0.2dur'
+    assert pruning.init.batches == 14  # 8 x 7 domains: as many sequences as the one-shot arm
     assert cfg.seed == cfg.train_loader.dataset.seed == 17
+    assert all(e.name == 'domain_eval' for e in cfg.eval_loaders)
+    cont = OmegaConf.load(out / 'fair+kd' / 'continue' / 'stage.yaml')
+    assert cont.callbacks.dynamic_loading.continue_from == str(out / 'fair+kd' / 'prune' / 'dynamic_loading.json')
+    assert cont.callbacks.dynamic_loading.initial == 'initial_mix'
+    # one schedule: the weights' logged rate over both stages is the one-shot arm's over its single stage
+    fair, oneshot = results['arms']['fair+kd']['stages'], results['arms']['oneshot+kd']['stages']
+    assert [v for _, v in fair['prune']['lr'] + fair['continue']['lr']] == pytest.approx(
+        [v for _, v in oneshot['continue']['lr']], rel=1e-9)
+    assert all(0 <= v < 0.01 for v in fair['prune']['below_half'].values() for v in v.values())
+    for arm in ('fair+kd', 'oneshot+kd'):  # the loss right after export / one-shot, before any continued step
+        assert len(results['arms'][arm]['step0']) == 7, arm
     for arm in arms:
         cfg = OmegaConf.load(out / arm / 'continue' / 'stage.yaml').get('algorithms') or {}
         assert ('shear_distill' in cfg) == arm.endswith('+kd'), arm
         assert cfg.get('shear_distill', {}).get('teacher') in (None, str(tmp_path / 'model'))
-    assert results['arms']['sheared+init+kd']['stages']['prune']['weights'] != results['arms'][
-        'sheared+init+kd']['stages']['prune']['initial']
+    assert results['arms']['fair+kd']['stages']['prune']['weights'] != results['arms'][
+        'fair+kd']['stages']['prune']['initial']
     down = results['downstream']
     assert list(down['models']) == ['source', *arms]
     assert down['examples'] == {'sums': 5} and all(len(m['per_example']['sums/0-shot']) == 5
                                                    for m in down['models'].values())
     table = (out / 'results.md').read_text()
     assert '| source | ' in table and 'first 5 examples of each task' in table
-    assert '| sheared+init+kd (loss) |' in table and 'Pruned (sheared+init+kd) beats from scratch' in table
-    assert '- sheared+init+kd vs oneshot+kd: average loss' in table and 'downstream average' in table
-    assert '- sheared+init+kd vs constant' not in table  # only the arms that ran
+    assert '| fair+kd (loss) |' in table and 'Pruned (fair+kd) beats from scratch' in table
+    assert '- fair+kd vs oneshot+kd: average loss' in table and 'downstream average' in table
+    assert '- fair+kd vs constant' not in table  # only the arms that ran
+    assert '| arm | step 0 average |' in table and '| fair+kd | ' in table.split('step 0 average')[1]
+    assert '| arm | hidden | intermediate | kv | layer |' in table  # kept structures below 0.5
     assert 'Over seeds' not in table
     for png in ('loss_curves.png', 'domain_weights.png', 'domain_loss.png'):
         assert (out / png).stat().st_size > 1000

@@ -27,6 +27,14 @@ def load(path, **overrides):
         path = Path(tempfile.mkdtemp()) / 'reference.json'
         path.write_text(json.dumps({d: 3.0 for d in cfg.variables.domains}))
         cfg.variables.reference_loss = str(path)
+    if cfg.get('variables', {}).get('pruning_run', '').startswith('/placeholder'):  # a finished pruning stage
+        run = Path(tempfile.mkdtemp())
+        domains = list(cfg.variables.domains)
+        (run / 'dynamic_loading.json').write_text(json.dumps({
+            'domains': domains, 'initial': list(cfg.variables.proportions), 'history': [],
+            'loader': {'seed': 17, 'sizes': [10] * len(domains), 'epoch': 2,
+                       'cursor': {'passes': [0] * len(domains), 'offsets': [3] * len(domains)}}}))
+        cfg.variables.pruning_run = str(run)
     for key in [k for k in cfg if OmegaConf.is_missing(cfg, k)]:
         cfg[key] = f'/placeholder/{key}'
     for key, value in overrides.items():

@@ -39,6 +39,29 @@ REFERENCE_PRESETS = {
 }
 METRIC = 'LanguageCrossEntropy'
 HISTORY_FILE = 'dynamic_loading.json'
+# where a continued stage's mix starts: the previous stage's final weights, or `initial_proportions`
+INITIAL_CHOICES = ('initial_mix', 'pruning_end')
+
+
+def read_previous_stage(path: str, domains: Sequence[str]) -> dict[str, Any]:
+    """The end of a previous stage from its history file (``dynamic_loading.json``, written at its end): its final
+    weights and where its loader stopped. Errors name ``dynamic_loading.continue_from``."""
+    name = f'dynamic_loading.continue_from ({path})'
+    try:
+        saved = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f'{name}: no such file; give the previous stage\'s {HISTORY_FILE}') from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f'{name} is not a readable JSON file ({e})') from e
+    if not isinstance(saved, dict) or 'loader' not in saved:
+        raise ConfigError(f'{name} has no loader state: the previous stage did not finish (the state is written at '
+                          'its end) or was written by an older version')
+    if list(saved.get('domains', [])) != list(domains):
+        raise ConfigError(f'{name}: its domains {saved.get("domains")} differ from dynamic_loading.domains '
+                          f'{list(domains)}')
+    history = saved.get('history') or []
+    saved['final'] = history[-1]['weights'] if history else saved['initial']
+    return saved
 
 
 def read_reference(reference: str | Sequence[float] | dict[str, float], domains: Sequence[str]) -> np.ndarray:
@@ -115,16 +138,41 @@ class DynamicLoading(Callback):
     Per-domain losses are read from evaluators labelled with the domain names (`eval_loaders` with
     `label: <domain>`), metric LanguageCrossEntropy (token-weighted, summed over ranks). After each update rank 0
     rewrites `history_file` (default `{save_folder}/dynamic_loading.json`, else `{run_name}/dynamic_loading.json`):
-    domains, reference losses, initial weights and every update's batch, losses and weights.
+    domains, reference losses, initial weights and every update's batch, losses and weights; at the end of training
+    it adds where the loader stopped (``loader``: each domain's cursor, the data seed and sizes).
+
+    A later stage (continued pre-training after export) goes on from there with ``continue_from: <that file>``: its
+    loader reads each domain from where the previous stage stopped (no sequence is seen twice), and its mix starts
+    from ``initial``: ``initial_mix`` (``initial_proportions``) or ``pruning_end`` (the previous stage's final
+    weights).
+
+    Example (YAML, the continued stage):
+        callbacks:
+          dynamic_loading:
+            domains: [cc, github, book, stackexchange, wiki, arxiv, c4-rp]
+            initial_proportions: [0.67, 0.045, 0.045, 0.02, 0.045, 0.025, 0.15]
+            reference_loss: 1.3b
+            continue_from: runs/prune/dynamic_loading.json
+            initial: initial_mix
     """
 
     def __init__(self, domains: Iterable[str], initial_proportions: ArrayLike | dict[str, float],
                  reference_loss: str | Sequence[float] | dict[str, float], update_type: str = 'doremi',
                  clip_negative_excess: bool = True, smoothing: float = 1e-4, step_size: float = 1.0,
                  excess: str = 'absolute', max_weight: float | None = None,
-                 history_file: str | None = None) -> None:
+                 history_file: str | None = None, continue_from: str | None = None,
+                 initial: str = 'initial_mix') -> None:
         self.domains = list(domains)
         self.weights = check_proportions(initial_proportions, self.domains, 'dynamic_loading.initial_proportions')
+        if initial not in INITIAL_CHOICES:
+            raise ConfigError(f'dynamic_loading.initial must be one of {", ".join(INITIAL_CHOICES)}, got {initial!r}')
+        if initial == 'pruning_end' and continue_from is None:
+            raise ConfigError('dynamic_loading.initial: pruning_end needs continue_from (the pruning stage\'s '
+                              f'{HISTORY_FILE})')
+        self.continue_from, self.initial_choice = continue_from, initial
+        self.previous = None if continue_from is None else read_previous_stage(continue_from, self.domains)
+        if initial == 'pruning_end':
+            self.weights = check_proportions(self.previous['final'], self.domains, 'dynamic_loading.continue_from')
         self.initial = self.weights.tolist()
         self.history_file = history_file
         self.reference = read_reference(reference_loss, self.domains)
@@ -147,6 +195,7 @@ class DynamicLoading(Callback):
                               f'number of domains), got {max_weight!r}')
         self.max_weight = None if max_weight is None else float(max_weight)
         self.history: list[dict] = []  # [{'batch', 'weights', 'losses'}]
+        self._loader_end: dict | None = None  # where the loader stopped (fit_end), for a later stage
 
     def _dataset(self, state: State) -> DynamicStreamingDataset:
         ds = getattr(state.train_dataloader, 'dataset', None)
@@ -162,11 +211,37 @@ class DynamicLoading(Callback):
 
     def fit_start(self, state: State, logger: Logger) -> None:
         """Check that the domains are evaluated once per loader interval, push the current weights to the train
-        dataset and warn about domains too small for the run."""
+        dataset (and, for a fresh run with `continue_from`, the previous stage's cursors) and warn about domains too
+        small for the run."""
         ds = self._dataset(state)
         self._check_eval_interval(state, ds)
+        if self.previous is not None and int(state.timestamp.batch) == 0:  # a resumed run has its own cursors
+            self._carry_on(ds)
         ds.set_proportions(self.weights)
         warn_if_too_small(ds, state)
+
+    def _carry_on(self, ds: DynamicStreamingDataset) -> None:
+        """Start the loader where the previous stage's stopped: the same permutations (data seed and domain sizes
+        must match), each domain's cursor where it was."""
+        loader, name = self.previous['loader'], f'dynamic_loading.continue_from ({self.continue_from})'
+        if int(loader['seed']) != ds.seed:
+            raise ConfigError(f'{name}: the previous stage read the data with train_loader.dataset.seed '
+                              f'{loader["seed"]}, this one with {ds.seed}: set the same seed, or the cursors mean '
+                              'other sequences')
+        if list(loader['sizes']) != list(ds.sizes):
+            raise ConfigError(f'{name}: the previous stage\'s domains held {loader["sizes"]} samples, this data '
+                              f'{ds.sizes}: continue on the same prepared data')
+        ds.carry_on(loader['cursor'], int(loader['epoch']))
+        log.info('dynamic_loading: continuing the previous stage\'s data at %s (mix: %s)',
+                 dict(zip(self.domains, loader['cursor']['offsets'], strict=True)), self.initial_choice)
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        """Record where the loader stopped in the history file, for a later stage's `continue_from`."""
+        ds = self._dataset(state)
+        end = ds.state_dict(0)
+        self._loader_end = {'seed': ds.seed, 'sizes': list(ds.sizes), 'epoch': int(end['epoch']),
+                            'cursor': end['cursor']}
+        self.write_history(state)
 
     @staticmethod
     def _batches_per_interval(ds: DynamicStreamingDataset) -> int:
@@ -219,10 +294,12 @@ class DynamicLoading(Callback):
         if dist.get_global_rank() != 0:
             return
         path = Path(self.history_file) if self.history_file else run_folder(state, None, HISTORY_FILE)
-        write_text(path, json.dumps({'domains': self.domains, 'reference_loss': self.reference.tolist(),
-                                     'update_type': self.update_type, 'step_size': self.step_size,
-                                     'excess': self.excess, 'max_weight': self.max_weight, 'initial': self.initial,
-                                     'history': self.history}, indent=1))
+        saved = {'domains': self.domains, 'reference_loss': self.reference.tolist(), 'update_type': self.update_type,
+                 'step_size': self.step_size, 'excess': self.excess, 'max_weight': self.max_weight,
+                 'initial': self.initial, 'history': self.history}
+        if self._loader_end is not None:
+            saved['loader'] = self._loader_end
+        write_text(path, json.dumps(saved, indent=1))
 
     def batch_end(self, state: State, logger: Logger) -> None:
         """Log the current domain weights."""

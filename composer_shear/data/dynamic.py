@@ -207,6 +207,13 @@ class DynamicStreamingDataset(IterableDataset):
         return {'epoch': self.plan.epoch, 'sample_in_epoch': int(num_samples), 'cursor': self.plan.start.to_dict(),
                 'proportions': [float(x) for x in self.plan.proportions]}
 
+    def carry_on(self, cursor: dict, epoch: int = 0) -> None:
+        """Start where another run over the same data stopped (its `state_dict` at the end): each domain's next
+        sample is the one after the last that run read. Call before the first interval."""
+        if self.plan is not None:
+            raise RuntimeError('dynamic_text: carry_on after the loader has started')
+        self._next_cursor, self._next_epoch, self._next_skip, self._pinned = Cursor(**cursor), int(epoch), 0, None
+
     def load_state_dict(self, state: dict) -> None:
         """Resume from `state_dict`: the next interval starts where the checkpointed one stood."""
         self._next_epoch = int(state['epoch'])
