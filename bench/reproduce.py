@@ -80,6 +80,9 @@ ARMS['fair+kd'] = dict(prune='learned', dynamic=True, init=True, kd=True, fixes=
 for _i in range(1, len(FIXES)):  # the one-seed ablation: the fixes added one at a time to sheared+init+kd
     ARMS['sheared+init+kd+' + '+'.join(FIXES[:_i])] = dict(prune='learned', dynamic=True, init=True, kd=True,
                                                            fixes=FIXES[:_i])
+# the choice the fixes leave open: the continued stage's Adam state carried over export (export --optimizer-state +
+# carry_optimizer_state) instead of a fresh one
+ARMS['fair+kd+adam'] = dict(prune='learned', dynamic=True, init=True, kd=True, fixes=(*FIXES, 'adam'))
 SETTLE = '0.2dur'
 SURE_LOG_ALPHA_MAX = math.log(1e4)
 # 2: the fair laboratory (issue 26): domain_eval in-loop losses, step-0 evals, the learned arms' fair stages
@@ -224,7 +227,7 @@ def run_arm(arm: str, seed: int, out: Path, b: dict, source: Path, data: Path, r
     from composer_shear.export import export_checkpoint
     spec = ARMS[arm]
     fixes = set(spec.get('fixes', ()))
-    a = {'arm': arm, 'seed': seed, 'stages': {}, 'fixes': sorted(fixes, key=FIXES.index)}
+    a = {'arm': arm, 'seed': seed, 'stages': {}, 'fixes': [f for f in (*FIXES, 'adam') if f in fixes]}
     folder = out / run_name(arm, seed)
     total = b['prune'] + b['cont']
     common, kd = arm_overrides(arm, seed, source)
@@ -244,12 +247,15 @@ def run_arm(arm: str, seed: int, out: Path, b: dict, source: Path, data: Path, r
         a['stages']['prune'] = run_stage(cfg, folder / 'prune')
         start = time.perf_counter()
         export_checkpoint(folder / 'prune' / 'latest-rank0.pt', folder / 'pruned', source=str(source),
-                          overwrite=True)
+                          overwrite=True, optimizer_state='adam' in fixes)
         a['stages']['export'] = {'seconds': time.perf_counter() - start}
         start_model, steps = folder / 'pruned', b['cont']
         mix = RP_MIX if 'mix' in fixes else a['stages']['prune']['weights']
         cont_extra = OmegaConf.merge(cont_extra, schedule(total, b['prune'], PEAK_LR['continue']) if 'schedule' in fixes
                                      else schedule(b['cont'], 0, PEAK_LR['continue']))
+        if 'adam' in fixes:
+            cont_extra = OmegaConf.merge(cont_extra, {'callbacks': {'carry_optimizer_state': {
+                'path': str(folder / 'pruned')}}})
         if 'cursors' in fixes:  # the loader goes on where pruning stopped; the mix as chosen above
             cont_extra = OmegaConf.merge(cont_extra, {'callbacks': {'dynamic_loading': {
                 'continue_from': str(folder / 'prune' / 'dynamic_loading.json'),

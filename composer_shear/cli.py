@@ -11,13 +11,18 @@ DTYPES = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
 
 def _export(args: argparse.Namespace) -> int:
     from composer_shear.checks import check_export_args
+    from composer_shear.errors import ConfigError
     check_export_args(args.checkpoint, args.out, args.source, args.overwrite)
+    if args.optimizer_state and Path(args.checkpoint).is_dir():
+        raise ConfigError(f'export --optimizer-state: {args.checkpoint} is a sharded checkpoint; carrying the '
+                          'optimizer state needs a whole .pt checkpoint (fsdp_config.state_dict_type: full)')
     import torch
 
     from composer_shear.export import export_checkpoint
     from composer_shear.report import report_table
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    report = export_checkpoint(args.checkpoint, args.out, source=args.source, dtype=dtype, overwrite=args.overwrite)
+    report = export_checkpoint(args.checkpoint, args.out, source=args.source, dtype=dtype, overwrite=args.overwrite,
+                               optimizer_state=args.optimizer_state)
     print(report_table(report), end='')
     e = report['exported']
     print(f"exported {e['num_params']:,} parameters ({e['dtype']}) to {args.out}")
@@ -139,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                                     'stored HF metadata')
     p.add_argument('--dtype', choices=sorted(DTYPES), help='weight dtype (default: the checkpoint\'s)')
     p.add_argument('--overwrite', action='store_true', help='replace --out if it exists')
+    p.add_argument('--optimizer-state', action='store_true',
+                   help='also write the kept weights\' Adam moments (optimizer_state.safetensors), for continued '
+                        'pre-training with the carry_optimizer_state callback (whole .pt checkpoints)')
     p.set_defaults(func=_export)
 
     p = sub.add_parser('inspect', help='expected and deterministic shape per layer')

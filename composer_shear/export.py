@@ -172,9 +172,10 @@ def split_model_state(model_sd: dict) -> tuple[dict, dict]:
 # the export itself -------------------------------------------------------------------------------------
 
 def export_pruned(hf_sd: dict, mask_sd: dict, config: Any, out: str | os.PathLike, tokenizer: Any = None,
-                  dtype: torch.dtype | None = None, overwrite: bool = False, generation_config: Any = None) -> dict:
-    """Fold the exact-target deterministic masks into the HF weights and write a smaller HF model folder.
-    Returns the shape report."""
+                  dtype: torch.dtype | None = None, overwrite: bool = False, generation_config: Any = None,
+                  moments: tuple[dict, dict, int] | None = None) -> dict:
+    """Fold the exact-target deterministic masks into the HF weights and write a smaller HF model folder; with
+    `moments` (`optim_state.read_adam_moments`), also the kept weights' Adam moments. Returns the shape report."""
     source = ModelShape.from_config(config)
     masks = masks_from_state(source, mask_sd)
     with torch.no_grad():
@@ -195,6 +196,11 @@ def export_pruned(hf_sd: dict, mask_sd: dict, config: Any, out: str | os.PathLik
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
         _save_weights(pruned, tmp)
+        if moments is not None:
+            from composer_shear.optim_state import prune_moments, save_moments
+            first, second = prune_moments(moments[0], moments[1], hf_sd,
+                                          lambda sd: prune_to_target(sd, snap, config, torch.float32)[0])
+            save_moments(tmp, first, second, moments[2])
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_mask_report(tmp, snap, report)
@@ -238,9 +244,11 @@ def _tokenizer_from_metadata(hf_meta: dict):
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, source: str | None = None,
-                      dtype: torch.dtype | None = None, overwrite: bool = False, mmap: bool = True) -> dict:
+                      dtype: torch.dtype | None = None, overwrite: bool = False, mmap: bool = True,
+                      optimizer_state: bool = False) -> dict:
     """`composer-shear export`: checkpoint -> HF folder. The config and tokenizer come from `source` (an HF
-    folder) when given, else from the HF metadata Composer stores in the checkpoint."""
+    folder) when given, else from the HF metadata Composer stores in the checkpoint. `optimizer_state`: also write
+    the kept weights' Adam moments (`optimizer_state.safetensors`, a whole .pt checkpoint only)."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     check_export_args(checkpoint, out, source, overwrite)  # before the checkpoint is read
     model_sd, hf_meta = read_checkpoint(checkpoint, mmap=mmap)
@@ -258,8 +266,12 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, sou
         tokenizer = _tokenizer_from_metadata(hf_meta)
         if tokenizer is None:
             log.warning('the checkpoint carries no tokenizer: the export has none (pass --source HF_DIR to add it)')
+    moments = None
+    if optimizer_state:
+        from composer_shear.optim_state import read_adam_moments
+        moments = read_adam_moments(checkpoint, HF_PREFIX)
     return export_pruned(hf_sd, mask_sd, config, out, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite,
-                         generation_config=generation)
+                         generation_config=generation, moments=moments)
 
 
 def load_any_masks(path: str | os.PathLike, source: str | None = None) -> ShearMasks:

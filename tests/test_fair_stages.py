@@ -45,7 +45,7 @@ class Record(Callback):
             self.stats.append({k: float(v) for k, v in algo.stats.items()})
 
 
-def stage(folder, model_dir, data, start, algorithms=(), **dynamic):
+def stage(folder, model_dir, data, start, algorithms=(), callbacks=(), steps=STEPS, **dynamic):
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = ComposerHFCausalLM(tok, pretrained_model_name_or_path=str(model_dir), pretrained=True,
                                attn_implementation='sdpa', use_train_metrics=False)
@@ -57,9 +57,10 @@ def stage(folder, model_dir, data, start, algorithms=(), **dynamic):
     trainer = Trainer(model=model, optimizers=DecoupledAdamW(model.parameters(), lr=PEAK, weight_decay=0.0),
                       schedulers=StagedCosineWithWarmup('2ba', f'{2 * STEPS}ba', 0.1, f'{start}ba'),
                       train_dataloader=train, eval_dataloader=domain_evaluators(str(data), DOMAINS, BATCH, SEQ),
-                      eval_interval='1ep', max_duration=f'{STEPS}ba', algorithms=list(algorithms),
-                      callbacks=[callback, record], device='cpu', precision='fp32', seed=17, progress_bar=False,
-                      log_to_console=False, save_folder=str(folder / 'ckpt'), save_interval=f'{STEPS}ba',
+                      eval_interval='1ep', max_duration=f'{steps}ba', algorithms=list(algorithms),
+                      callbacks=[callback, record, *callbacks], device='cpu', precision='fp32', seed=17,
+                      progress_bar=False, log_to_console=False, save_folder=str(folder / 'ckpt'),
+                      save_interval=f'{steps}ba',
                       save_latest_filename='latest-rank{rank}.pt', run_name=folder.name)
     trainer.fit()
     losses = {d: float(trainer.state.eval_metrics[d]['LanguageCrossEntropy'].compute()) for d in DOMAINS}
@@ -197,3 +198,42 @@ def test_continue_from_refuses_other_data_or_seed(two_stages):
 def test_bad_pruning_options_are_named(bad, message):
     with pytest.raises(ConfigError, match=message):
         ShearPruning(target=TARGET, **bad)
+
+
+def test_adam_state_carries_over_export(two_stages, tmp_path):
+    """export --optimizer-state writes the kept weights' Adam moments (the source's moments at the kept hidden dims,
+    rel 1e-6) and the step count; carry_optimizer_state puts them into the continued stage's optimizer before its
+    first step, which then counts on from the pruning stage's steps."""
+    from composer_shear.export import load_any_masks
+    from composer_shear.optim_state import CarryOptimizerState, load_moments, read_adam_moments
+    root = two_stages['root']
+    ckpt = root / 'prune' / 'ckpt' / 'latest-rank0.pt'
+    export_checkpoint(ckpt, tmp_path / 'pruned', source=str(root / 'source'), optimizer_state=True)
+    first, second, step = load_moments(tmp_path / 'pruned')
+    src_first, src_second, src_step = read_adam_moments(ckpt)
+    assert step == src_step == STEPS
+    hidden = load_any_masks(tmp_path / 'pruned').snapshot().z['hidden'] != 0
+    assert int(hidden.sum()) == TARGET['hidden_size']
+    for name, index in (('model.norm.weight', (hidden,)), ('model.embed_tokens.weight', (slice(None), hidden))):
+        torch.testing.assert_close(first[name], src_first[name][index], rtol=1e-6, atol=0)
+        torch.testing.assert_close(second[name], src_second[name][index], rtol=1e-6, atol=1e-30)
+
+    class Seen(Callback):
+        def before_forward(self, state, logger):
+            if int(state.timestamp.batch) == 0:
+                params = dict(state.model.model.named_parameters())
+                opt = state.optimizers[0]
+                self.state = {k: {n: v.clone() for n, v in opt.state[p].items()} for k, p in params.items()
+                              if p in opt.state}
+
+        def batch_end(self, state, logger):
+            self.after = float(state.optimizers[0].state[state.model.model.model.norm.weight]['step'])
+    seen = Seen()
+    stage(tmp_path / 'continue', tmp_path / 'pruned', two_stages['data'], STEPS, steps=1,
+          callbacks=[CarryOptimizerState(str(tmp_path / 'pruned')), seen])
+    assert set(seen.state) == set(first)
+    for name, s in seen.state.items():
+        assert float(s['step']) == STEPS and torch.equal(s['exp_avg'], first[name]), name
+    assert seen.after == STEPS + 1
+    with pytest.raises(ConfigError, match='does not exist'):
+        CarryOptimizerState(str(tmp_path))

@@ -69,6 +69,8 @@ CASES = [
      'checkpoint {root}/missing.pt does not exist', True),
     ('export --checkpoint {root}/ckpt.pt --out {root}/exported --source {root}/tok',
      '--source {root}/tok is not a Hugging Face model folder', True),
+    ('export --checkpoint {root}/sharded --out {root}/exported --optimizer-state',
+     '{root}/sharded is a sharded checkpoint; carrying the optimizer state needs a whole .pt checkpoint', True),
     ('inspect {root}/truncated.safetensors', '{root}/truncated.safetensors is not a readable safetensors file', False),
     ('inspect {root}/missing.pt', '{root}/missing.pt does not exist', True),
     ('eval {root}/model --limit 0', '--limit must be a positive integer, got 0', True),
@@ -90,6 +92,9 @@ def test_one_line_and_exit_2(setup, capsys, args, message, light):
         save_file({'log_alpha.layer': torch.zeros(1000)}, root / 'truncated.safetensors', metadata={'source': '{}'})
         path = root / 'truncated.safetensors'
         path.write_bytes(path.read_bytes()[:-500])
+    if 'sharded' in args:  # a torch.distributed.checkpoint folder, as far as the command's checks look
+        (root / 'sharded').mkdir(exist_ok=True)
+        (root / 'sharded' / '.metadata').touch()
     before = {p: p.read_bytes() for p in root.rglob('*') if p.is_file()}
     assert main(args.format(root=root).split()) == 2
     err = capsys.readouterr().err
