@@ -73,7 +73,7 @@ ARMS = {
 #             to 0.1 over the whole budget), instead of 1e-4 while pruning and a fresh warm-up to 3e-4 afterwards
 #   cursors   the continued stage reads each domain from where the pruning stage stopped (no sequence seen twice)
 #   sure      mask logits in [-ln 1e4, ln 1e4]: the kept structures of the importance start sit near certainty (a
-#             kept entry below 0.5 on ~0.2 % of draws instead of ~11 %), the Lagrangian still satisfied
+#             kept entry below 0.5 on ~0.1 % of draws instead of up to ~11 %), the Lagrangian still satisfied
 #   settle    the last 20 % of pruning trains the exact-target sub-network (no sampling): export changes nothing
 FIXES = ('mix', 'schedule', 'cursors', 'sure', 'settle')
 ARMS['fair+kd'] = dict(prune='learned', dynamic=True, init=True, kd=True, fixes=FIXES)  # every fix

@@ -10,6 +10,7 @@ logits clamped at ``BATCH_END``.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -89,7 +90,7 @@ class ShearPruning(Algorithm):
         log_alpha_max: the mask logits' range [-log_alpha_max, log_alpha_max] (default ln 100, the paper's). Wider
             (e.g. 9.21, ln 1e4) lets the kept entries of an ``init.from: activations`` start sit near certainty
             while the Lagrangian is satisfied: at ln 100 a kept KV group is below 0.5 on about 11 % of draws,
-            at ln 1e4 on 0.2 % (logged as ``pruning/kept_below_half/<structure>``).
+            at ln 1e4 on 0.1 % (logged as ``pruning/kept_below_half/<structure>``).
 
     Example:
         >>> from composer import Trainer
@@ -154,10 +155,12 @@ class ShearPruning(Algorithm):
                     or (self.settle.unit == TimeUnit.DURATION and self.settle.value >= 1):
                 raise ConfigError(f'shear_pruning.settle must be batches (40ba) or a fraction of the run below 1 '
                                   f'(0.2dur), got {settle!r}')
-        if isinstance(log_alpha_max, bool) or not isinstance(log_alpha_max, (int, float)) or log_alpha_max <= 0:
+        if isinstance(log_alpha_max, bool) or not isinstance(log_alpha_max, (int, float)) \
+                or not 0 < log_alpha_max < float('inf'):
             raise ConfigError(f'shear_pruning.log_alpha_max must be a positive number, got {log_alpha_max!r}')
         self.log_alpha_max = float(log_alpha_max)
         self._settled = False
+        self._settle_from: int | None = None  # the first settled batch, when the run's length is known in batches
         self.source: ModelShape | None = None
         self.target_shape: ModelShape | None = None
         self.stats: dict[str, torch.Tensor] = {}
@@ -180,6 +183,7 @@ class ShearPruning(Algorithm):
             self._attach(state)
         elif event == Event.FIT_START:  # after wrapping and any checkpoint load: the fp32 values the forward reads
             refresh_fp32(self.masks(state))  # (then clamp_masks at each BATCH_END, the init after its copy)
+            self._plan_settle(state)
         elif event == Event.BATCH_START:
             self._microbatch = 0
             if not self._initialized:
@@ -265,18 +269,36 @@ class ShearPruning(Algorithm):
         groups = self._groups_of(state, self.masks(state).log_alpha.values())
         return abs(float(groups[0]['lr'])) if groups else 0.0  # no optimizer: nothing is trained
 
+    def _plan_settle(self, state: State) -> None:
+        """The first settled batch, from the run's length in batches (max_duration in batches, or in epochs of a
+        loader of known length); checked before the first step."""
+        if self.settle is None:
+            return
+        end = state.max_duration
+        total = None
+        if end is not None and end.unit == TimeUnit.BATCH:
+            total = int(end.value)
+        elif end is not None and end.unit == TimeUnit.EPOCH and state.dataloader_len is not None:
+            total = int(end.value) * int(state.dataloader_len)
+        if self.settle.unit == TimeUnit.BATCH:
+            if total is None:
+                raise ConfigError(f'shear_pruning.settle {self.settle} in batches needs the run\'s length in batches '
+                                  f'(max_duration {end}); use a fraction (e.g. 0.2dur)')
+            if self.settle.value >= total:
+                raise ConfigError(f'shear_pruning.settle {self.settle} covers the whole run of {total} batches: the '
+                                  'masks would never be trained')
+            self._settle_from = total - int(self.settle.value)
+        elif total is not None:
+            self._settle_from = math.ceil(total * (1 - self.settle.value) - 1e-9)
+
     def settled(self, state: State) -> bool:
         """Whether this batch lies in the settled phase (the last `settle` of the run)."""
         if self.settle is None or state.max_duration is None:
             return False
-        if self.settle.unit == TimeUnit.DURATION:
-            elapsed = state.get_elapsed_duration()
-            return elapsed is not None and elapsed.value >= 1 - self.settle.value - 1e-9
-        end = state.max_duration
-        if end.unit != TimeUnit.BATCH:
-            raise ConfigError(f'shear_pruning.settle {self.settle} in batches needs max_duration in batches, got '
-                              f'{end}; use a fraction (e.g. 0.2dur)')
-        return int(state.timestamp.batch) >= end.value - self.settle.value
+        if self._settle_from is not None:
+            return int(state.timestamp.batch) >= self._settle_from
+        elapsed = state.get_elapsed_duration()  # a length in tokens or samples: the fraction done
+        return elapsed is not None and elapsed.value >= 1 - self.settle.value - 1e-9
 
     def _freeze_masks(self, state: State) -> None:
         """The mask and multiplier groups step at learning rate 0 in this batch (Adam's momentum would otherwise
@@ -337,6 +359,7 @@ class ShearPruning(Algorithm):
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()
         out['initialized'] = self._initialized
+        out['log_alpha_max'] = self.log_alpha_max
         if self.target_shape is not None:
             out.update(source=self.source.to_dict(), target=self.target_shape.to_dict(),
                        pruning_modules=list(self.pruning_modules))
@@ -344,6 +367,10 @@ class ShearPruning(Algorithm):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._initialized = self._initialized or bool(state.get('initialized', False))
+        saved_max = state.get('log_alpha_max', LOG_ALPHA_MAX)
+        if abs(saved_max - self.log_alpha_max) > 1e-9:
+            raise ConfigError(f'shear_pruning.log_alpha_max is {self.log_alpha_max} but the checkpoint was trained '
+                              f'with {saved_max}: resume with the same value (another range would re-clamp the masks)')
         saved = state.get('target')
         if saved is not None and self.target_shape is not None and saved != self.target_shape.to_dict():
             raise ShapeError(f'the checkpoint was pruned toward {saved} but shear_pruning.target is now '

@@ -180,6 +180,9 @@ def export_pruned(hf_sd: dict, mask_sd: dict, config: Any, out: str | os.PathLik
     masks = masks_from_state(source, mask_sd)
     with torch.no_grad():
         snap = masks.snapshot()
+    if moments is not None and not snap.binary:  # a folded value c would call for moments divided by c
+        raise ExportError('export --optimizer-state needs binary mask values (shear_pruning.mask_values: binary); '
+                          'this checkpoint was trained with soft values')
     pruned, new_config = prune_to_target(hf_sd, snap, config, dtype)
     shape, dtype = ModelShape.from_config(new_config), next(iter(pruned.values())).dtype
     report = shape_report(snap)
@@ -187,9 +190,9 @@ def export_pruned(hf_sd: dict, mask_sd: dict, config: Any, out: str | os.PathLik
     filled = {k: v for k, v in report['kept_given_up'].items() if v[0]}
     if filled:
         log.warning('export: the exact target was filled with structures the masks had given up on (log alpha at '
-                    'its minimum, keep probability 0.047, ties broken by index): %s. The expected shape was below '
-                    'the target when training stopped; these structures cost compute and carry near-zero mask '
-                    'values (see shape_report.md)',
+                    'or below -ln 100, keep probability 0.047 or less, ties broken by index): %s. The expected shape '
+                    'was below the target when training stopped; these structures cost compute and carry near-zero '
+                    'mask values (see shape_report.md)',
                     ', '.join(f'{k}: {n} of {m} kept' for k, (n, m) in filled.items()))
     with atomic_dir(out, overwrite=overwrite, marker=REPORT_FILE) as tmp:
         new_config.save_pretrained(tmp)

@@ -176,7 +176,6 @@ def sample_masks(masks: nn.Module, progress: float,
     return lagrangian, stats
 
 
-@torch.no_grad()
 def settle_masks(masks: nn.Module, progress: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Train with the exact-target deterministic masks (what export keeps: no sampling, kept entries at their export
     value) for a settled phase at the end of pruning: install them and return a zero Lagrangian that still touches
@@ -192,6 +191,7 @@ def settle_masks(masks: nn.Module, progress: float = 1.0) -> tuple[torch.Tensor,
     return lagrangian * 0.0, stats
 
 
+@torch.no_grad()
 def set_eval_masks(masks: nn.Module, exact_target: bool = True) -> None:
     """Install deterministic masks for evaluation: exactly the target count per row (what export keeps), or
     the count the masks currently expect (``exact_target=False``).

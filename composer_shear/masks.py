@@ -249,7 +249,8 @@ class ShearMasks(nn.Module):
             stats[f'expected_sparsity/{s.name}'] = sparsity.detach().mean()
             # how often a training draw scales an entry the exact-target masks keep below 0.5
             kept = deterministic(log_alpha[s.name], s.target, binary=True).bool()
-            stats[f'kept_below_half/{s.name}'] = below_half(log_alpha[s.name].detach())[kept].mean()
+            if kept.any():
+                stats[f'kept_below_half/{s.name}'] = below_half(log_alpha[s.name].detach())[kept].mean()
         stats.update(expected_shape(self.source, {k: v.detach() for k, v in scores.items()}))
         return z, lag, stats
 

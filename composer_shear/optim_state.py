@@ -61,12 +61,11 @@ def read_adam_moments(checkpoint: str | os.PathLike, prefix: str = 'model.') -> 
 
 def prune_moments(first: dict, second: dict, weights: dict, prune: Any) -> tuple[dict, dict]:
     """The moments of the pruned model's weights: `prune` (the export's weight surgery, a function of a full HF state
-    dict) applied to the first moments and to the square roots of the second (so that a weight scaled by c has its
-    second moment scaled by c squared). Parameters without a moment (a tied head) take zeros, dropped afterwards."""
+    dict, with binary mask values: pure selection of rows, columns, heads and layers) applied to both moments.
+    Parameters without a moment (a head tied to the embedding) take zeros and are dropped afterwards."""
     def full(moments: dict) -> dict:
         return {k: moments[k] if k in moments else torch.zeros_like(w, dtype=torch.float32) for k, w in weights.items()}
-    pruned_first = prune(full(first))
-    pruned_second = {k: v * v for k, v in prune(full({k: v.sqrt() for k, v in second.items()})).items()}
+    pruned_first, pruned_second = prune(full(first)), prune(full(second))
     # layers are renumbered, and every layer weight has moments; outside the layers, keep what had them
     kept = {k for k in pruned_first if k.startswith('model.layers.') or k in first}
     return ({k: v for k, v in pruned_first.items() if k in kept},
@@ -108,7 +107,9 @@ class CarryOptimizerState(Callback):
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.moments = load_moments(path)  # checked now, before the model is built
+        file = Path(path) / OPTIMIZER_FILE if Path(path).is_dir() else Path(path)
+        if not file.exists():  # checked now, before the model is built; read at the first step of a fresh run
+            raise ConfigError(f'carry_optimizer_state.path: {file} does not exist (export with --optimizer-state)')
 
     def fit_start(self, state: State, logger: Logger) -> None:
         if int(state.timestamp.batch) > 0:
@@ -120,7 +121,7 @@ class CarryOptimizerState(Callback):
         model = state.model.module if isinstance(state.model, torch.nn.parallel.DistributedDataParallel) \
             else state.model
         params = dict(model.model.named_parameters())
-        first, second, step = self.moments
+        first, second, step = load_moments(self.path)
         unknown = sorted(set(first) - set(params))
         if unknown:
             raise ConfigError(f'carry_optimizer_state.path: {self.path} has moments for {unknown[0]}, which this model '

@@ -10,13 +10,14 @@ from composer_shear.masks import LOG_ALPHA_MAX, MaskSnapshot, expected_score, ex
 
 __all__ = ['GIVEN_UP', 'dumps', 'given_up_kept', 'report_table', 'shape_report']
 
-GIVEN_UP = -LOG_ALPHA_MAX + 0.01  # log alpha at (or within 0.01 of) its lower clamp: the masks dropped the entry
+GIVEN_UP = -LOG_ALPHA_MAX + 0.01  # log alpha within 0.01 of the paper's lower clamp or below: the masks dropped it
 
 
 def given_up_kept(snap: MaskSnapshot) -> dict[str, list[int]]:
-    """Per structure: [how many entries the exact-target masks keep although their log alpha sits at its minimum
-    (keep probability 0.047, the same as removed entries), how many they keep]. Non-zero when the expected shape
-    had fallen below the target and the export filled it with structures the masks had given up on."""
+    """Per structure: [how many entries the exact-target masks keep although their log alpha sits at the paper's
+    minimum, -ln 100, or below (keep probability 0.047 or less, like removed entries), how many they keep]. Non-zero
+    when the expected shape had fallen below the target and the export filled it with structures the masks had given
+    up on."""
     out = {}
     for name, z in snap.z.items():
         kept = z != 0

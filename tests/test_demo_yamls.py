@@ -75,7 +75,8 @@ def check_history(log, initial):
 def test_both_demo_stages_on_two_ranks_ddp(workdir):
     target = [f'algorithms.shear_pruning.target.{k}={v}' for k, v in TARGET.items()]
     prune_out = workdir / 'prune-ddp'
-    log = launch(workdir, 'prune', workdir / 'model', prune_out, False, *target)
+    # 3 settled steps under DDP: every mask parameter must still get a (zero) gradient, or DDP's reducer stalls
+    log = launch(workdir, 'prune', workdir / 'model', prune_out, False, *target, 'algorithms.shear_pruning.settle=3ba')
     weights = check_history(log, [0.6, 0.1, 0.3])
     report = json.loads((prune_out / 'pruning' / f'ba{STEPS}' / 'shape_report.json').read_text())
     assert report['deterministic']['hidden_size'] == TARGET['hidden_size']

@@ -32,10 +32,30 @@ class Record(Callback):
 
     def __init__(self):
         self.lr, self.rows, self.masks, self.stats = [], [], [], []
+        self.installed, self.grads = {}, {}  # per step: the masks the training forward used; mask params with grads
 
     def after_dataloader(self, state, logger):
         self.lr.append(state.optimizers[0].param_groups[0]['lr'])
         self.rows += [tuple(r) for r in state.batch['input_ids'][:, :2].tolist()]
+
+    def fit_start(self, state, logger):
+        if any(isinstance(a, ShearPruning) for a in state.algorithms):  # see what the algorithm installs
+            hooks = ShearPruning.masks(state).hooks
+            install = hooks.set
+
+            def spy(z):
+                self.last = z
+                install(z)
+            hooks.set = spy
+
+    def before_forward(self, state, logger):  # after the algorithm's BEFORE_FORWARD
+        if any(isinstance(a, ShearPruning) for a in state.algorithms):
+            self.installed[int(state.timestamp.batch)] = {k: v.detach().clone() for k, v in self.last.items()}
+
+    def after_backward(self, state, logger):
+        if any(isinstance(a, ShearPruning) for a in state.algorithms):
+            m = ShearPruning.masks(state)
+            self.grads[int(state.timestamp.batch)] = all(p.grad is not None for p in m.parameters())
 
     def batch_end(self, state, logger):
         algo = next((a for a in state.algorithms if isinstance(a, ShearPruning)), None)
@@ -80,7 +100,7 @@ def two_stages(tmp_path_factory):
     export_checkpoint(root / 'prune' / 'ckpt' / 'latest-rank0.pt', root / 'pruned', source=str(source))
     second, _, cont = stage(root / 'continue', root / 'pruned', data, STEPS,
                             continue_from=str(root / 'prune' / 'dynamic_loading.json'))
-    return dict(root=root, data=data, first=first, second=second, in_loop=in_loop, cont=cont)
+    return dict(root=root, data=data, first=first, second=second, in_loop=in_loop, cont=cont, pruning=pruning)
 
 
 def test_one_schedule_across_the_stages(two_stages):
@@ -127,10 +147,20 @@ def test_settled_phase_changes_no_mask_and_export_scores_the_last_eval(two_stage
     """settle 4ba: over the last 4 pruning steps no mask logit or multiplier moves (Adam's momentum included), and
     the exported model's loss on each domain's whole eval split equals the final in-loop evaluation (exact-target
     masks) to 1e-5."""
-    masks = two_stages['first'].masks
+    first = two_stages['first']
+    masks = first.masks
     assert any(not torch.equal(masks[0][k], masks[3][k]) for k in masks[0])  # they moved before settling
     for k in masks[3]:
         assert torch.equal(masks[3][k], masks[-1][k]), k
+    # the settled steps trained with the exact-target masks export keeps, every mask parameter with a gradient
+    # (zero: Adam's momentum alone would still move them without the learning rate at 0; DDP needs one per parameter)
+    from composer_shear.export import load_any_masks
+    exact = load_any_masks(two_stages['root'] / 'pruned').snapshot().z
+    for step in range(STEPS - 4, STEPS):
+        assert set(first.installed[step]) == set(exact), step
+        for name, z in first.installed[step].items():
+            assert torch.equal(z, exact[name]), (step, name)
+    assert all(first.grads[step] for step in range(STEPS))
     from transformers import AutoModelForCausalLM
     pruned = AutoModelForCausalLM.from_pretrained(two_stages['root'] / 'pruned', torch_dtype=torch.float32)
     for d in DOMAINS:
@@ -194,16 +224,17 @@ def test_continue_from_refuses_other_data_or_seed(two_stages):
 
 
 @pytest.mark.parametrize('bad, message', [({'settle': '1.0dur'}, 'settle must be'), ({'settle': 'x'}, 'settle'),
-                                          ({'log_alpha_max': 0}, 'log_alpha_max must be a positive number')])
+                                          ({'log_alpha_max': 0}, 'log_alpha_max must be a positive number'),
+                                          ({'log_alpha_max': float('inf')}, 'log_alpha_max must be a positive')])
 def test_bad_pruning_options_are_named(bad, message):
     with pytest.raises(ConfigError, match=message):
         ShearPruning(target=TARGET, **bad)
 
 
 def test_adam_state_carries_over_export(two_stages, tmp_path):
-    """export --optimizer-state writes the kept weights' Adam moments (the source's moments at the kept hidden dims,
-    rel 1e-6) and the step count; carry_optimizer_state puts them into the continued stage's optimizer before its
-    first step, which then counts on from the pruning stage's steps."""
+    """export --optimizer-state writes the kept weights' Adam moments (exactly the source's at the kept hidden dims,
+    layers and MLP channels, layers renumbered) and the step count; carry_optimizer_state puts them into the
+    continued stage's optimizer before its first step, which then counts on from the pruning stage's steps."""
     from composer_shear.export import load_any_masks
     from composer_shear.optim_state import CarryOptimizerState, load_moments, read_adam_moments
     root = two_stages['root']
@@ -212,11 +243,19 @@ def test_adam_state_carries_over_export(two_stages, tmp_path):
     first, second, step = load_moments(tmp_path / 'pruned')
     src_first, src_second, src_step = read_adam_moments(ckpt)
     assert step == src_step == STEPS
-    hidden = load_any_masks(tmp_path / 'pruned').snapshot().z['hidden'] != 0
+    z = load_any_masks(tmp_path / 'pruned').snapshot().z
+    hidden = z['hidden'] != 0
     assert int(hidden.sum()) == TARGET['hidden_size']
-    for name, index in (('model.norm.weight', (hidden,)), ('model.embed_tokens.weight', (slice(None), hidden))):
-        torch.testing.assert_close(first[name], src_first[name][index], rtol=1e-6, atol=0)
-        torch.testing.assert_close(second[name], src_second[name][index], rtol=1e-6, atol=1e-30)
+    layers = (z['layer'] != 0).nonzero().flatten().tolist()
+    assert len(layers) == TARGET['num_hidden_layers'] < len(z['layer'])  # layers renumbered
+    pairs = [('model.norm.weight', 'model.norm.weight', (hidden,)),
+             ('model.embed_tokens.weight', 'model.embed_tokens.weight', (slice(None), hidden))]
+    for i, old in enumerate(layers):  # down_proj: kept hidden rows, the layer's kept MLP channels
+        pairs.append((f'model.layers.{i}.mlp.down_proj.weight', f'model.layers.{old}.mlp.down_proj.weight',
+                      (hidden.nonzero().flatten()[:, None], (z['intermediate'][old] != 0).nonzero().flatten())))
+    for name, source_name, index in pairs:
+        assert torch.equal(first[name], src_first[source_name][index]), name
+        assert torch.equal(second[name], src_second[source_name][index]), name
 
     class Seen(Callback):
         def before_forward(self, state, logger):
@@ -237,3 +276,30 @@ def test_adam_state_carries_over_export(two_stages, tmp_path):
     assert seen.after == STEPS + 1
     with pytest.raises(ConfigError, match='does not exist'):
         CarryOptimizerState(str(tmp_path))
+
+
+def test_settle_length_is_checked_before_the_first_step():
+    """settle is turned into the first settled batch at FIT_START: a fraction of a run in batches or epochs, batches
+    that must leave some of the run to train the masks."""
+    from composer.core import Time
+
+    class At:
+        def __init__(self, end, dataloader_len=None):
+            self.max_duration, self.dataloader_len = Time.from_timestring(end), dataloader_len
+    for settle, end, length, first in (('0.2dur', '100ba', None, 80), ('0.2dur', '3ep', 10, 24),
+                                       ('5ba', '8ba', None, 3), ('0.25dur', '1000tok', None, None)):
+        algo = ShearPruning(target=TARGET, settle=settle)
+        algo._plan_settle(At(end, length))
+        assert algo._settle_from == first, (settle, end)
+    with pytest.raises(ConfigError, match='settle 8ba covers the whole run of 8 batches'):
+        ShearPruning(target=TARGET, settle='8ba')._plan_settle(At('8ba'))
+    with pytest.raises(ConfigError, match='settle 5ba in batches needs the run'):
+        ShearPruning(target=TARGET, settle='5ba')._plan_settle(At('1000tok'))
+
+
+def test_resume_refuses_another_logit_range():
+    """A checkpoint trained with one log_alpha_max is not resumed with another (the clamp would move the masks)."""
+    saved = ShearPruning(target=TARGET, log_alpha_max=9.21).state_dict()
+    ShearPruning(target=TARGET, log_alpha_max=9.21).load_state_dict(saved)
+    with pytest.raises(ConfigError, match='log_alpha_max is 4.6.* trained with 9.21'):
+        ShearPruning(target=TARGET).load_state_dict(saved)
