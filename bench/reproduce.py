@@ -469,6 +469,20 @@ def report(r: dict, out: Path) -> str:
             lines.append(f'| {arm} | ' + ' | '.join(f'{sum(e.values()) / len(DOMAINS):.3f} | '
                                                     f'{max(e[d] - r["source"][d] for d in DOMAINS):.3f}'
                                                     for e in row) + ' |')
+    learned = {arm: json.loads(p.read_text()) for arm in r['arms']
+               if (p := out / arm / 'pruned' / 'shape_report.json').exists()}
+    if learned:  # how far the masks had moved from the target when pruning stopped, and what export then kept
+        lines += ['', 'The masks when pruning stopped: expected shape (from the keep probabilities) against the target '
+                  f'{r["target"]}, and the structures export kept although the masks had given up on them (log alpha '
+                  'at or below -ln 100):', '',
+                  '| run | expected layers | hidden | heads / kv | intermediate | parameters | kept given up |',
+                  '|---' * 7 + '|']
+        for arm, rep in learned.items():
+            e = rep['expected']
+            given = ', '.join(f'{k} {n} of {m}' for k, (n, m) in rep['kept_given_up'].items() if n) or 'none'
+            lines.append(f'| {arm} | {e["num_hidden_layers"]:.1f} | {e["hidden_size"]:.0f} | '
+                         f'{e["num_attention_heads"]:.1f} / {e["num_key_value_heads"]:.1f} | '
+                         f'{e["intermediate_size"]:.0f} | {e["num_params"] / 1e6:.1f}M | {given} |')
     noisy = {arm: a['stages']['prune']['below_half'] for arm, a in r['arms'].items()
              if a['stages'].get('prune', {}).get('below_half')}
     if noisy:  # structured dropout: how often a training draw scales a structure export keeps below 0.5

@@ -95,6 +95,7 @@ def test_reproduce_tiny_budget(tmp_path):
     assert '- fair+kd vs constant' not in table  # only the arms that ran
     assert '| arm | step 0 average |' in table and '| fair+kd | ' in table.split('step 0 average')[1]
     assert '| arm | hidden | intermediate | kv | layer |' in table  # kept structures below 0.5
+    assert '| run | expected layers |' in table and '| fair+kd | ' in table.split('expected layers')[1]
     assert 'Over seeds' not in table
     for png in ('loss_curves.png', 'domain_weights.png', 'domain_loss.png'):
         assert (out / png).stat().st_size > 1000
