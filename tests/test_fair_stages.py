@@ -103,6 +103,7 @@ def two_stages(tmp_path_factory):
     return dict(root=root, data=data, first=first, second=second, in_loop=in_loop, cont=cont, pruning=pruning)
 
 
+@pytest.mark.slow
 def test_one_schedule_across_the_stages(two_stages):
     """The weights' learning rate over both stages is the one warm-up + cosine over 16 steps that a single
     uninterrupted Composer run steps with (Composer sets step k + 1's rate after step k: f(0), f(0), f(1), ...)."""
@@ -128,6 +129,7 @@ def test_schedule_matches_composer_and_refuses_bad_times():
         StagedCosineWithWarmup('3ba', '30ba', t_start='20ba')(At(0, end=20))
 
 
+@pytest.mark.slow
 def test_continued_stage_reads_on_where_pruning_stopped(two_stages):
     """No replay: per domain, the continued stage reads the samples that follow, in the pruning stage's permutation,
     the last one pruning read (its first sample of each domain is the next one), and none of pruning's."""
@@ -143,6 +145,7 @@ def test_continued_stage_reads_on_where_pruning_stopped(two_stages):
     assert saved['seed'] == 17 and saved['sizes'] == [80, 80] and sum(saved['cursor']['offsets']) == len(first)
 
 
+@pytest.mark.slow
 def test_settled_phase_changes_no_mask_and_export_scores_the_last_eval(two_stages):
     """settle 4ba: over the last 4 pruning steps no mask logit or multiplier moves (Adam's momentum included), and
     the exported model's loss on each domain's whole eval split equals the final in-loop evaluation (exact-target
@@ -168,6 +171,7 @@ def test_settled_phase_changes_no_mask_and_export_scores_the_last_eval(two_stage
         assert loss == pytest.approx(two_stages['in_loop'][d], abs=1e-5), d
 
 
+@pytest.mark.slow
 def test_wider_logit_range_starts_kept_structures_near_certainty(two_stages):
     """With log_alpha_max ln 1e4 the importance start keeps every selected structure below 0.5 on under 0.3 % of
     draws (logged per structure), against about 11 % for a KV group at the paper's ln 100."""
@@ -187,6 +191,7 @@ def test_below_half_is_the_sampled_fraction():
     assert ((measured - below_half(log_alpha)).abs() < 4 * se + 1e-6).all(), (measured, below_half(log_alpha))
 
 
+@pytest.mark.slow
 def test_continue_from_choices_and_bad_input(two_stages, tmp_path):
     """initial: initial_mix starts at initial_proportions, pruning_end at the previous stage's final weights; a
     missing file, a stage that did not finish, pruning_end alone and an unknown choice are named."""
@@ -209,6 +214,7 @@ def test_continue_from_choices_and_bad_input(two_stages, tmp_path):
         DynamicLoading(['b', 'a'], [0.5, 0.5], [2.0, 2.0], continue_from=str(history))
 
 
+@pytest.mark.slow
 def test_continue_from_refuses_other_data_or_seed(two_stages):
     """The cursors only mean the same sequences with the same data seed and the same prepared data."""
     history = two_stages['root'] / 'prune' / 'dynamic_loading.json'
@@ -231,6 +237,7 @@ def test_bad_pruning_options_are_named(bad, message):
         ShearPruning(target=TARGET, **bad)
 
 
+@pytest.mark.slow
 def test_adam_state_carries_over_export(two_stages, tmp_path):
     """export --optimizer-state writes the kept weights' Adam moments (exactly the source's at the kept hidden dims,
     layers and MLP channels, layers renumbered) and the step count; carry_optimizer_state puts them into the
