@@ -29,6 +29,26 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune(args: argparse.Namespace) -> int:
+    from composer_shear.budget import SearchSpace
+    from composer_shear.checks import check_positive
+    check_positive(args.batch_size, '--batch-size', 'prune')
+    if args.probe_steps < 0:
+        raise ValueError(f'prune: --probe-steps must be 0 or more, got {args.probe_steps}')
+    check_positive(args.top_k, '--top-k', 'prune')
+    space = SearchSpace(multiple_of=args.multiple_of, tolerance=args.tolerance,
+                        max_depth_pruning=args.max_depth_pruning, max_width_pruning=args.max_width_pruning,
+                        pruning_modules=tuple(args.pruning_modules.split(',')))
+    from composer_shear.prune import prune_folder
+    prune_folder(args.source, args.data, args.target, args.out, calibration=args.calibration,
+                 held_out=args.held_out, space=space, max_candidates=args.max_candidates, score=args.score,
+                 probe_steps=args.probe_steps, top_k=args.top_k, probe_lr=args.probe_lr, scores=args.scores,
+                 device=args.device, dtype=args.dtype, batch_size=args.batch_size, overwrite=args.overwrite)
+    if Path(args.out, 'search.md').is_file():
+        print(Path(args.out, 'search.md').read_text(), end='')
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from composer_shear.checks import check_inspect_args
     check_inspect_args(args.path, args.source)
@@ -148,6 +168,38 @@ def main(argv: list[str] | None = None) -> int:
                    help='also write the kept weights\' Adam moments (optimizer_state.safetensors), for continued '
                         'pre-training with the carry_optimizer_state callback (whole .pt checkpoints)')
     p.set_defaults(func=_export)
+
+    p = sub.add_parser('prune', help='one-shot pruning to a shape or a parameter budget (with a shape search) -> '
+                                     'a plain Hugging Face folder')
+    p.add_argument('source', metavar='SOURCE', help='the Hugging Face model folder to prune')
+    p.add_argument('--data', required=True, help='a prepare-data output (calibration and held-out sequences)')
+    p.add_argument('--target', required=True,
+                   help='a budget (params=75M, non_embedding_params=50M, optionally with fixed fields) or a shape '
+                        '(num_hidden_layers=24,hidden_size=480,... or preset=1.3b)')
+    p.add_argument('--out', required=True, help='the folder to write (must not exist unless --overwrite)')
+    p.add_argument('--calibration', type=int, default=64, help='sequences for the importance scores (default 64)')
+    p.add_argument('--held-out', type=int, default=16, help='sequences the search scores shapes on (default 16)')
+    p.add_argument('--scores', help='reuse the importance scores of an earlier prune output (same source, data, '
+                                    'calibration)')
+    p.add_argument('--multiple-of', type=int, default=64, help='hidden and intermediate sizes on this grid')
+    p.add_argument('--tolerance', type=float, default=0.05, help='candidates within this fraction below the budget')
+    p.add_argument('--max-depth-pruning', type=float, default=0.5, help='at most this fraction of layers removed')
+    p.add_argument('--max-width-pruning', type=float, default=0.5,
+                   help='at most this fraction of hidden size, heads and intermediate size removed')
+    p.add_argument('--pruning-modules', default='layer,hidden,head,intermediate',
+                   help='which structures may shrink (comma-separated)')
+    p.add_argument('--max-candidates', type=int, default=48, help='shapes scored at most (spread over the space)')
+    p.add_argument('--score', choices=['loss', 'kl'], default='loss',
+                   help='held-out next-token loss, or KL to the source (a source forward per shape)')
+    p.add_argument('--probe-steps', type=int, default=0,
+                   help='train the --top-k best shapes this many distillation steps and score them again')
+    p.add_argument('--top-k', type=int, default=3)
+    p.add_argument('--probe-lr', type=float, default=1e-4)
+    p.add_argument('--batch-size', type=int, default=8)
+    p.add_argument('--device', help='torch device (default: cuda when available, else cpu)')
+    p.add_argument('--dtype', choices=['fp32', 'bf16'], help='default: bf16 on a GPU, fp32 on the CPU')
+    p.add_argument('--overwrite', action='store_true', help='replace --out if it is an earlier composer-shear output')
+    p.set_defaults(func=_prune)
 
     p = sub.add_parser('inspect', help='expected and deterministic shape per layer')
     p.add_argument('path', help='a Composer checkpoint, a masks.safetensors file or an exported folder')
