@@ -35,6 +35,9 @@ def load(path, **overrides):
             'loader': {'seed': 17, 'sizes': [10] * len(domains), 'epoch': 2,
                        'cursor': {'passes': [0] * len(domains), 'offsets': [3] * len(domains)}}}))
         cfg.variables.pruning_run = str(run)
+    if cfg.get('variables', {}).get('teacher', '').startswith('/placeholder'):  # the teacher must be an HF folder
+        from composer_shear.testing import save_tiny
+        cfg.variables.teacher = str(save_tiny(Path(tempfile.mkdtemp()) / 'teacher'))
     for key in [k for k in cfg if OmegaConf.is_missing(cfg, k)]:
         cfg[key] = f'/placeholder/{key}'
     for key, value in overrides.items():
@@ -74,6 +77,25 @@ def test_loaders_have_the_arguments_their_builders_need(path):
         inspect.signature(dataloaders.get(loader['name'])).bind(tokenizer=None, device_batch_size=1, **kwargs)
         if kwargs.get('num_workers') == 0:  # torch.utils.data.DataLoader's rule
             assert kwargs.get('prefetch_factor', 2) is None and not kwargs.get('persistent_workers', True)
+
+
+@pytest.mark.parametrize('size', ['1.3b', '2.7b'])
+def test_the_oneshot_recipe_is_the_paper_stage_2_with_distillation_from_the_rp_mix(size):
+    """continue_kd_<size>.yaml (after `composer-shear prune`) differs from continue_<size>.yaml only by the
+    distillation from the source and the initial mix, so the two cannot drift apart."""
+    kd = OmegaConf.to_container(OmegaConf.load(ROOT / 'yamls' / f'continue_kd_{size}.yaml'))
+    paper = OmegaConf.to_container(OmegaConf.load(ROOT / 'yamls' / f'continue_{size}.yaml'))
+    assert kd['algorithms'].pop('shear_distill') == {'teacher': '${variables.teacher}', 'alpha': 1.0,
+                                                     'temperature': 1.0, 'kd_type': 'forward_kl',
+                                                     'teacher_precision': 'bf16'}
+    assert kd['variables'].pop('teacher') == '???'
+    rp = [0.67, 0.045, 0.045, 0.02, 0.045, 0.025, 0.15]  # cc, github, book, stackexchange, wiki, arxiv, c4-rp
+    assert kd['callbacks']['dynamic_loading'].pop('initial_proportions') == rp
+    assert kd['train_loader']['dataset'].pop('proportions') == rp
+    paper['callbacks']['dynamic_loading'].pop('initial_proportions')
+    paper['train_loader']['dataset'].pop('proportions')
+    assert (kd.pop('run_name'), paper.pop('run_name')) == (f'continue-kd-{size}', f'continue-sheared-{size}')
+    assert kd == paper
 
 
 def test_unknown_top_level_key_fails():
