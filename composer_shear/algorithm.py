@@ -20,6 +20,7 @@ from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
 from torch import nn
 
+from composer_shear.budget import BUDGET_KINDS, Budget, SearchSpace, candidate_shapes, describe_shape, parse_target
 from composer_shear.errors import ConfigError, ShapeError
 from composer_shear.functional import (
     MULTIPLIER_UPDATES,
@@ -39,8 +40,10 @@ from composer_shear.masks import (
     MASKS_ATTR,
     ShearMasks,
     refresh_fp32,
+    target_from_buffer,
 )
 from composer_shear.precision import warn_if_buffers_rounded
+from composer_shear.search import masks_to_hold, score_masked, spread
 from composer_shear.shapes import PRUNING_MODULES, ModelShape, validate_pruning_modules
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,8 @@ log = logging.getLogger(__name__)
 __all__ = ['ShearPruning']
 
 INIT_KEYS = ('from', 'batches', 'log_alpha', 'noise', 'seed')
+SEARCH_KEYS = ('max_candidates', 'held_out_batches', 'multiple_of', 'tolerance', 'max_depth_pruning',
+               'max_width_pruning')
 INIT_FROM = ('constant', 'activations')
 MASK_LR_SCHEDULES = ('model', 'constant')
 
@@ -65,7 +70,15 @@ class ShearPruning(Algorithm):
 
     Args:
         target: HF config field names (num_hidden_layers, hidden_size, num_attention_heads,
-            num_key_value_heads, intermediate_size) or ``{'preset': '1.3b'|'2.7b'|'370m'}``.
+            num_key_value_heads, intermediate_size) or ``{'preset': '1.3b'|'2.7b'|'370m'}``, or a parameter
+            budget: ``{params: 75M}`` / ``{non_embedding_params: 50M}``, optionally with fields to fix. A budget is
+            resolved at the first step by the shape search of ``composer-shear prune`` (every candidate's one-shot
+            selection scored through the masked model on the run's first batches, identically on every rank), the
+            masks then start at the chosen shape's one-shot selection (``init.from: activations`` is implied), and
+            the choice is stored in the checkpoint, so a resumed run does not search again.
+        search: the budget search's settings: ``max_candidates`` (16), ``held_out_batches`` (1; the global batches
+            after the ``init.batches`` ones, read ahead: needs the ``dynamic_text`` loader), ``multiple_of`` (64),
+            ``tolerance`` (0.05), ``max_depth_pruning`` and ``max_width_pruning`` (0.5).
         pruning_modules: any subset of layer, head, intermediate, hidden.
         lag_lr: learning rate of the masks (+) and of the multipliers (-, gradient ascent).
         lagrangian_warmup: time over which the target sparsities rise linearly from 0 (e.g. '640ba', '0.2dur').
@@ -100,6 +113,7 @@ class ShearPruning(Algorithm):
 
     def __init__(self, target: Mapping[str, Any] | str | None = None,
                  pruning_modules: Sequence[str] = PRUNING_MODULES, lag_lr: float = 1.0,
+                 search: Mapping[str, Any] | None = None,
                  lagrangian_warmup: str = '0.2dur', eval_target_shape: bool = False,
                  init: Mapping[str, Any] | None = None, mask_lr_schedule: str = 'model',
                  mask_values: str = DEFAULT_MASK_VALUES, multiplier_update: str = 'adam',
@@ -111,6 +125,8 @@ class ShearPruning(Algorithm):
             self.pruning_modules = validate_pruning_modules(pruning_modules)
         except ShapeError as e:
             raise ConfigError(f'shear_pruning.{e}') from None
+        self.budget = self._read_budget(target)
+        self.search = self._read_search(search)
         if isinstance(lag_lr, bool) or not isinstance(lag_lr, (int, float)) or lag_lr <= 0:
             raise ConfigError(f'shear_pruning.lag_lr must be a positive number, got {lag_lr!r}')
         self.lag_lr = float(lag_lr)
@@ -124,6 +140,11 @@ class ShearPruning(Algorithm):
         unknown = sorted(set(init) - set(INIT_KEYS))
         if unknown:
             raise ConfigError(f'shear_pruning.init.{unknown[0]} is unknown; valid keys: {", ".join(INIT_KEYS)}')
+        if self.budget is not None:
+            if init.get('from', 'activations') != 'activations':
+                raise ConfigError('shear_pruning.init.from must be activations with a budget target (the search '
+                                  'ranks the structures from them)')
+            init['from'] = 'activations'
         self.init = {'from': 'constant', 'batches': 1, 'log_alpha': LOG_ALPHA_MAX, 'noise': 0.0, 'seed': 0, **init}
         if self.init['from'] not in INIT_FROM:
             raise ConfigError(f'shear_pruning.init.from must be one of {", ".join(INIT_FROM)}, '
@@ -163,9 +184,48 @@ class ShearPruning(Algorithm):
         self._settle_from: int | None = None  # the first settled batch, when the run's length is known in batches
         self.source: ModelShape | None = None
         self.target_shape: ModelShape | None = None
+        self.searched: dict[str, Any] | None = None  # the budget search's result (in the checkpoint)
+        self._candidates: list[ModelShape] = []
         self.stats: dict[str, torch.Tensor] = {}
         self._lag: torch.Tensor | None = None
         self._microbatch = 0
+
+    @staticmethod
+    def _read_budget(target: Mapping[str, Any] | str) -> Budget | None:
+        """The target's budget, or None for a shape; ConfigError naming a bad key or value."""
+        if isinstance(target, Mapping) and not any(k in target for k in BUDGET_KINDS):
+            return None
+        if isinstance(target, str) and '=' not in target:  # a preset name
+            return None
+        try:
+            parsed = parse_target(target)
+        except ShapeError as e:
+            raise ConfigError(f'shear_pruning.{e}' if str(e).startswith('target') else f'shear_pruning.target: {e}'
+                              ) from None
+        return parsed if isinstance(parsed, Budget) else None
+
+    def _read_search(self, search: Mapping[str, Any] | None) -> dict[str, Any]:
+        search = dict(search or {})
+        if search and self.budget is None:
+            raise ConfigError('shear_pruning.search applies to a budget target (target: {params: ...})')
+        unknown = sorted(set(search) - set(SEARCH_KEYS))
+        if unknown:
+            raise ConfigError(f'shear_pruning.search.{unknown[0]} is unknown; valid keys: {", ".join(SEARCH_KEYS)}')
+        search = {'max_candidates': 16, 'held_out_batches': 1, **search}
+        for key in ('max_candidates', 'held_out_batches'):
+            value = search[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f'shear_pruning.search.{key} must be a positive integer, got {value!r}')
+        try:
+            self._space(search).check()
+        except ShapeError as e:
+            raise ConfigError(f'shear_pruning.search.{e}') from None
+        return search
+
+    def _space(self, search: Mapping[str, Any] | None = None) -> SearchSpace:
+        search = self.search if search is None else search
+        return SearchSpace(**{k: v for k, v in search.items() if k not in ('max_candidates', 'held_out_batches')},
+                           pruning_modules=self.pruning_modules)
 
     def __repr__(self) -> str:
         return (f'ShearPruning(target={self.target!r}, pruning_modules={list(self.pruning_modules)}, '
@@ -182,6 +242,8 @@ class ShearPruning(Algorithm):
         if event == Event.INIT:
             self._attach(state)
         elif event == Event.FIT_START:  # after wrapping and any checkpoint load: the fp32 values the forward reads
+            if self.budget is not None:
+                self._follow_buffer(state)
             refresh_fp32(self.masks(state))  # (then clamp_masks at each BATCH_END, the init after its copy)
             self._plan_settle(state)
         elif event == Event.BATCH_START:
@@ -233,14 +295,20 @@ class ShearPruning(Algorithm):
                         int(state.timestamp.batch))
             return
         n = self.init['batches']
-        if n == 1:
+        m = self.search['held_out_batches'] if self.budget is not None else 0
+        if n + m == 1:
             batches = [state.batch['input_ids']]
-        else:  # the run's own first n batches, read ahead without consuming them
+        else:  # the run's own first n (+ m) batches, read ahead without consuming them
             dataset = getattr(state.dataloader, 'dataset', None)
             if not hasattr(dataset, 'peek'):
+                if m:
+                    raise ConfigError(f'shear_pruning.target: a budget reads {n} + {m} batches ahead (init.batches + '
+                                      'search.held_out_batches), which needs the dynamic_text train loader; with '
+                                      f'{type(dataset).__name__} give a shape target')
                 raise ConfigError(f'shear_pruning.init.batches: {n} needs the dynamic_text train loader (it reads '
                                   f'the first batches ahead); with {type(dataset).__name__} use batches: 1')
-            batches = [state.device.tensor_to_device(b['input_ids']) for b in dataset.peek(n)]
+            batches = [state.device.tensor_to_device(b['input_ids']) for b in dataset.peek(n + m)]
+        batches, held_out = batches[:n], batches[n:]
         masks = self.masks(state)
         masks.hooks.set(None)
 
@@ -254,9 +322,46 @@ class ShearPruning(Algorithm):
             return t.cpu()
 
         scores = importance(hf_model_of(unwrap(state.model)), batches, forward, reduce)
+        if self.budget is not None:
+            self._search(state, masks, scores, held_out, forward, reduce)
         sparsity = init_masks_from_importance(masks, scores)
         log.info('shear_pruning: masks initialised from the activations of %d sequences per rank; expected '
                  'sparsity %s', sum(len(b) for b in batches), {k: round(v, 4) for k, v in sparsity.items()})
+
+    def _search(self, state: State, masks: nn.Module, scores: Mapping[str, torch.Tensor],
+                held_out: Sequence[torch.Tensor], forward: Any, reduce: Any) -> None:
+        """Score every candidate through the masked model, aim the masks at the best (ties: the first)."""
+        import time
+        start = time.perf_counter()
+        model = state.model
+        training = model.training
+        model.eval()
+        try:
+            losses = score_masked(masks, self._candidates, scores, held_out, forward, reduce)
+        finally:
+            model.train(training)
+        best = min(range(len(losses)), key=lambda i: losses[i])
+        shape = self._candidates[best]
+        self._retarget(masks, shape)
+        self.searched = {'budget': self.budget.describe(), 'shape': shape.target_dict(), 'params': shape.num_params(),
+                         'loss': losses[best], 'seconds': round(time.perf_counter() - start, 2),
+                         'candidates': [c.target_dict() | {'params': c.num_params(), 'loss': loss}
+                                        for c, loss in zip(self._candidates, losses, strict=True)]}
+        log.info('shear_pruning: searched %d shapes under %s; chose %s (%d parameters, held-out loss %.4f)',
+                 len(losses), self.budget.describe(), describe_shape(shape), shape.num_params(), losses[best])
+
+    def _retarget(self, masks: nn.Module, shape: ModelShape) -> None:
+        module = getattr(masks, 'module', masks)  # an FSDP1 wrapper holds the ShearMasks as .module
+        module.retarget(shape)
+        self.target_shape = shape
+
+    def _follow_buffer(self, state: State) -> None:
+        """After a checkpoint load: aim the masks at the shape the stored search chose (their target buffer)."""
+        masks = self.masks(state)
+        module = getattr(masks, 'module', masks)
+        stored = target_from_buffer(module.source, module.target_shape.cpu())
+        if stored != module.target:
+            self._retarget(masks, stored)
 
     @staticmethod
     def _groups_of(state: State, params: Iterable[torch.Tensor]) -> list[dict[str, Any]]:
@@ -328,11 +433,18 @@ class ShearPruning(Algorithm):
         return min(done / self.warmup.value, 1.0)
 
     def _attach(self, state: State) -> None:
-        masks = apply_shear_pruning(unwrap(state.model), self.target, self.pruning_modules, state.optimizers,
+        target, hold = self.target, ()
+        if self.budget is not None:  # masks for every structure a candidate prunes, aimed at the first candidate
+            source = ModelShape.from_config(hf_model_of(unwrap(state.model)).config)
+            self._candidates = spread(candidate_shapes(source, self.budget, self._space()),
+                                      self.search['max_candidates'])
+            hold = masks_to_hold(source, self._candidates, self.pruning_modules)
+            target = self._candidates[0].target_dict()
+        masks = apply_shear_pruning(unwrap(state.model), target, self.pruning_modules, state.optimizers,
                                     lag_lr=self.lag_lr, init_log_alpha=self.init['log_alpha'],
                                     init_noise=self.init['noise'], seed=self.init['seed'],
                                     mask_values=self.mask_values, multiplier_update=self.multiplier_update,
-                                    log_alpha_max=self.log_alpha_max)
+                                    log_alpha_max=self.log_alpha_max, hold=hold)
         self.source, self.target_shape = masks.source, masks.target
         warn_if_buffers_rounded(state)
         fsdp = getattr(state, 'fsdp_config', None)
@@ -360,6 +472,8 @@ class ShearPruning(Algorithm):
         out = super().state_dict()
         out['initialized'] = self._initialized
         out['log_alpha_max'] = self.log_alpha_max
+        if self.searched is not None:
+            out['searched'] = self.searched
         if self.target_shape is not None:
             out.update(source=self.source.to_dict(), target=self.target_shape.to_dict(),
                        pruning_modules=list(self.pruning_modules))
@@ -371,7 +485,12 @@ class ShearPruning(Algorithm):
         if abs(saved_max - self.log_alpha_max) > 1e-9:
             raise ConfigError(f'shear_pruning.log_alpha_max is {self.log_alpha_max} but the checkpoint was trained '
                               f'with {saved_max}: resume with the same value (another range would re-clamp the masks)')
+        self.searched = state.get('searched', self.searched)
         saved = state.get('target')
-        if saved is not None and self.target_shape is not None and saved != self.target_shape.to_dict():
+        if self.budget is not None:  # the shape was chosen by the stored search: FIT_START follows it
+            if self.searched is not None and self.searched['budget'] != self.budget.describe():
+                raise ShapeError(f'the checkpoint searched a shape under {self.searched["budget"]} but '
+                                 f'shear_pruning.target is now {self.budget.describe()}')
+        elif saved is not None and self.target_shape is not None and saved != self.target_shape.to_dict():
             raise ShapeError(f'the checkpoint was pruned toward {saved} but shear_pruning.target is now '
                              f'{self.target_shape.to_dict()}')

@@ -67,7 +67,8 @@ def apply_shear_pruning(model: nn.Module, target: Target, pruning_modules: Seque
                         optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
                         lag_lr: float = 1.0, init_log_alpha: float = LOG_ALPHA_MAX, init_noise: float = 0.0,
                         seed: int = 0, mask_values: str = DEFAULT_MASK_VALUES,
-                        multiplier_update: str = 'adam', log_alpha_max: float = LOG_ALPHA_MAX) -> ShearMasks:
+                        multiplier_update: str = 'adam', log_alpha_max: float = LOG_ALPHA_MAX,
+                        hold: Sequence[str] = ()) -> ShearMasks:
     """Attach hard-concrete masks and their Lagrange multipliers to a LLaMA-family model.
 
     Creates a :class:`ShearMasks` for the exact `target` shape (validated against the model before anything
@@ -97,6 +98,9 @@ def apply_shear_pruning(model: nn.Module, target: Target, pruning_modules: Seque
         log_alpha_max: the mask logits are kept in [-log_alpha_max, log_alpha_max] (the paper's ln 100). A wider
             range lowers the keep probability of dropped entries (0.047 at ln 100, 0.0005 at ln 1e4), so that the
             kept ones can sit nearer certainty while the expected shape is the target: less structured dropout.
+        hold: mask structures (``layer``, ``hidden``, ``kv``, ``query``, ``intermediate``) to hold logits for even
+            when `target` keeps them whole, so that ``masks.retarget`` can later aim at a shape that prunes them
+            (a budget run chooses its shape after the masks exist).
 
     Returns:
         The mask module, on the model's device.
@@ -131,7 +135,7 @@ def apply_shear_pruning(model: nn.Module, target: Target, pruning_modules: Seque
     if device.type == 'meta':
         device = torch.device('cpu')
     masks = ShearMasks(source, target_shape, modules, init_log_alpha=init_log_alpha, init_noise=init_noise,
-                       seed=seed, values=mask_values, limit=log_alpha_max).to(device)
+                       seed=seed, values=mask_values, limit=log_alpha_max, hold=hold).to(device)
     masks.hooks = MaskedForward(hf, source)
     if owner is not None:
         setattr(owner, MASKS_ATTR, masks)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from composer_shear.errors import ShapeError
 from composer_shear.shapes import STRUCTURE_MODULES, TARGET_FIELDS, ModelShape, embedding_params, layer_params
 
 GAMMA, ZETA = -0.1, 1.1
@@ -114,16 +115,18 @@ class Structure:
         return 1.0 - self.target / self.size
 
 
-def structures_for(source: ModelShape, target: ModelShape, modules: Iterable[str]) -> list[Structure]:
+def structures_for(source: ModelShape, target: ModelShape, modules: Iterable[str],
+                   hold: Iterable[str] = ()) -> list[Structure]:
     """The masks a pruning run needs, in the fixed order of `STRUCTURE_MODULES`. A structure whose target keeps
     every entry (e.g. 3 -> 3 query slots) gets no mask: it has nothing to choose, and its constraint could never be
-    met (the expected sparsity at the upper clamp is 0.002, not 0), so its multiplier would grow without bound."""
-    modules = set(modules)
+    met (the expected sparsity at the upper clamp is 0.002, not 0), so its multiplier would grow without bound.
+    Structures named in `hold` are listed even then (a budget run holds every mask a searched shape may need)."""
+    modules, hold = set(modules), set(hold)
     rows = {'layer': 0, 'hidden': 0}  # one row; the others have a row per layer
     size, keep = structure_sizes(source), structure_sizes(target)
     out = []
     for name, module in STRUCTURE_MODULES.items():
-        if module not in modules or keep[name] == size[name]:
+        if module not in modules or (keep[name] == size[name] and name not in hold):
             continue
         out.append(Structure(name, rows.get(name, source.num_hidden_layers), size[name], keep[name]))
     return out
@@ -158,25 +161,29 @@ class ShearMasks(nn.Module):
 
     The target shape is a persistent buffer, so a checkpoint's model weights alone are enough to export.
     Every parameter is read through `forward`, so FSDP can shard this module like any other.
+
+    `hold` names structures to hold a mask for even when the target keeps them whole (a budget run, whose target is
+    chosen after the masks exist: :meth:`retarget`). Such a mask is inactive: it is not applied, takes no part in
+    the Lagrangian, and gets a zero gradient (so DDP and FSDP see every parameter used) and so never moves.
     """
 
     def __init__(self, source: ModelShape, target: ModelShape, modules: Iterable[str],
                  init_log_alpha: float = LOG_ALPHA_MAX, init_noise: float = 0.0, seed: int = 0,
-                 values: str = DEFAULT_MASK_VALUES, limit: float = LOG_ALPHA_MAX) -> None:
+                 values: str = DEFAULT_MASK_VALUES, limit: float = LOG_ALPHA_MAX, hold: Iterable[str] = ()) -> None:
         super().__init__()
-        self.source, self.target = source, target
+        self.source, self.pruning_modules = source, tuple(modules)
         self.limit = float(limit)  # log alpha is kept in [-limit, limit] (clamp_masks)
-        self.structures = structures_for(source, target, modules)
+        self.held = structures_for(source, target, self.pruning_modules, hold)  # every structure with a parameter
+        self.retarget(target)
         gen = torch.Generator().manual_seed(seed)
         self.log_alpha = nn.ParameterDict()
-        for s in self.structures:
+        for s in self.held:
             value = torch.full(s.shape, float(init_log_alpha))
             if init_noise:
                 value += init_noise * torch.randn(s.shape, generator=gen)
             self.log_alpha[s.name] = nn.Parameter(value.clamp(-self.limit, self.limit))
-        # lambdas[i] = (lambda_1, lambda_2) of structure i
-        self.lambdas = nn.Parameter(torch.zeros(len(self.structures), 2))
-        self.register_buffer('target_shape', target_buffer(target))
+        # lambdas[i] = (lambda_1, lambda_2) of held structure i
+        self.lambdas = nn.Parameter(torch.zeros(len(self.held), 2))
         if values not in MASK_VALUES:
             raise ValueError(f'mask values must be one of {", ".join(MASK_VALUES)}, got {values!r}')
         # 1: kept entries of deterministic masks are 1; 0: their soft value. A buffer, so that export folds what
@@ -185,6 +192,22 @@ class ShearMasks(nn.Module):
         # Exact fp32 values of the parameters, for forwards whose parameters FSDP mixed precision has cast to a lower
         # precision (refresh_fp32). A plain attribute: no wrapper, cast, state dict or `.to` sees it.
         self.fp32: dict[str, torch.Tensor] = {}
+
+    def retarget(self, target: ModelShape) -> None:
+        """Aim the masks at `target`: the structures it prunes become the active ones (each must be held), the
+        others inactive. The ``target_shape`` buffer follows (set it on every rank)."""
+        active = structures_for(self.source, target, self.pruning_modules)
+        held = {s.name for s in self.held}
+        missing = [s.name for s in active if s.name not in held]
+        if missing:
+            raise ShapeError(f'target {target.target_dict()} prunes {missing}, for which these masks hold no logits')
+        self.target, self.structures = target, active
+        self._rows = [[s.name for s in self.held].index(s.name) for s in active]
+        buffer = target_buffer(target)
+        if 'target_shape' in self._buffers:
+            self.target_shape.copy_(buffer.to(self.target_shape.device))
+        else:
+            self.register_buffer('target_shape', buffer)
 
     @property
     def binary(self) -> bool:
@@ -221,7 +244,7 @@ class ShearMasks(nn.Module):
         if mode == 'snapshot':
             cpu = lambda t: t.detach().float().cpu().clone()  # noqa: E731  (a copy: FSDP frees unsharded params)
             return MaskSnapshot(
-                self.source, self.target, {k: cpu(v) for k, v in log_alpha.items()}, cpu(self.lambdas),
+                self.source, self.target, {k: cpu(v) for k, v in log_alpha.items()}, cpu(self.lambdas)[self._rows],
                 {s.name: cpu(deterministic(log_alpha[s.name], s.target, binary)) for s in self.structures}, binary)
         if mode == 'sample':
             z = {k: sample(v, generator) for k, v in log_alpha.items()}
@@ -236,9 +259,12 @@ class ShearMasks(nn.Module):
         lambdas = self._exact(LAMBDAS, self.lambdas)
         lam = lambdas.detach().clone()  # a copy for logging: FSDP frees the unsharded parameter after forward
         lag = lambdas.new_zeros(())
+        if len(self._rows) < len(self.held):  # inactive masks: a zero gradient, so that every parameter is used
+            idle = [s.name for s in self.held if s.name not in log_alpha]
+            lag = lag + 0.0 * (lambdas.sum() + sum(self.log_alpha[n].sum() for n in idle))
         stats = {}
         scores = {k: expected_score(v) for k, v in log_alpha.items()}
-        for i, s in enumerate(self.structures):
+        for i, s in zip(self._rows, self.structures, strict=True):
             sparsity = 1.0 - scores[s.name].sum(-1) / s.size
             goal = s.target_sparsity * min(max(progress, 0.0), 1.0)
             gap = sparsity - goal

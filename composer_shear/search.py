@@ -22,12 +22,13 @@ from torch import nn
 from composer_shear.budget import Budget, SearchSpace, candidate_shapes, count, describe_shape
 from composer_shear.errors import ShapeError
 from composer_shear.kd import distillation_loss
-from composer_shear.masks import MaskSnapshot
+from composer_shear.masks import MaskSnapshot, structures_for
 from composer_shear.oneshot import oneshot_masks
 from composer_shear.shapes import ModelShape
 from composer_shear.surgery import build_model, prune_to_target
 
-__all__ = ['SCORES', 'Candidate', 'SearchResult', 'evaluate', 'probe', 'prune_shape', 'search_shapes', 'spread']
+__all__ = ['SCORES', 'Candidate', 'SearchResult', 'evaluate', 'masks_to_hold', 'probe', 'prune_shape', 'score_masked',
+           'search_shapes', 'spread']
 
 SCORES = ('loss', 'kl')
 
@@ -206,3 +207,42 @@ def search_shapes(model: nn.Module, budget: Budget, scores: Mapping[str, torch.T
         log(f'best: {describe_shape(best.shape)} ({best.params:,} parameters, {score} {best.final:.4f})')
     return SearchResult(budget, best, candidates, len(shapes), score, probe_steps, time.perf_counter() - start,
                         space)
+
+
+def masks_to_hold(source: ModelShape, shapes: Sequence[ModelShape], modules: Sequence[str]) -> list[str]:
+    """The mask structures any of `shapes` prunes: what a run must hold logits for before it picks one."""
+    names = {s.name for shape in shapes for s in structures_for(source, shape, modules)}
+    return [n for n in ('layer', 'hidden', 'kv', 'query', 'intermediate') if n in names]
+
+
+@torch.no_grad()
+def score_masked(masks: nn.Module, shapes: Sequence[ModelShape], scores: Mapping[str, torch.Tensor],
+                 batches: Sequence[torch.Tensor], forward: Callable[[torch.Tensor], Any],
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[float]:
+    """Each shape's next-token loss on `batches`, computed through the masked source with the shape's one-shot
+    selection installed in the hooks: the pruned model's loss (masked = exported), with no model built, so it runs
+    on a model that DDP or FSDP wraps (`forward(ids)` calls it; `reduce` sums over ranks, so every rank gets the
+    same losses). The hooks are cleared afterwards.
+
+    Example:
+        >>> losses = score_masked(masks, shapes, importance(model, calib), held_out, lambda ids: model(input_ids=ids))
+    """
+    source = masks.source
+    modules = list(masks.pruning_modules)
+    out = []
+    try:
+        for shape in shapes:
+            z = oneshot_masks(scores, source, shape, modules)
+            device = batches[0].device
+            masks.hooks.set({k: v.to(device) for k, v in z.items()})
+            total = torch.zeros(2, dtype=torch.float64)
+            for ids in batches:
+                logits = forward(ids).logits.float()
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction='sum')
+                total += torch.tensor([loss.item(), ids[:, 1:].numel()], dtype=torch.float64)
+            if reduce is not None:
+                total = reduce(total)
+            out.append(float(total[0] / total[1]))
+    finally:
+        masks.hooks.set(None)
+    return out
