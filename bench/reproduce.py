@@ -83,6 +83,9 @@ for _i in range(1, len(FIXES)):  # the one-seed ablation: the fixes added one at
 # the choice the fixes leave open: the continued stage's Adam state carried over export (export --optimizer-state +
 # carry_optimizer_state) instead of a fresh one
 ARMS['fair+kd+adam'] = dict(prune='learned', dynamic=True, init=True, kd=True, fixes=(*FIXES, 'adam'))
+# issue 27: the one-shot recipe on the shape `composer-shear prune` searches under the target's parameter count
+ARMS['searched+kd'] = dict(prune='oneshot', dynamic=True, kd=True, search=True)
+SEARCH_MULTIPLE_OF = {'tiny': 8, 'small': 64}  # the search's grid (64: the command's default)
 SETTLE = '0.2dur'
 SURE_LOG_ALPHA_MAX = math.log(1e4)
 # 2: the fair laboratory (issue 26): domain_eval in-loop losses, step-0 evals, the learned arms' fair stages
@@ -156,15 +159,30 @@ def final_eval(model_dir: Path, data: Path, seq: int, n: int) -> dict:
     return {d: eval_loss(model, str(data), d, seq, batch_size=8, max_batches=max(1, n // 8))[0] for d in DOMAINS}
 
 
-def oneshot_model(source: Path, data: Path, out: Path, b: dict, target: dict) -> float:
-    """Prune `source` one-shot on 8 calibration sequences per domain (train split); returns seconds."""
+def oneshot_model(source: Path, data: Path, out: Path, b: dict, target: dict, search: bool = False) -> dict:
+    """Prune `source` one-shot on 8 calibration sequences per domain (train split): to `target`, or with `search` to
+    the shape `composer-shear prune` finds under `target`'s parameter count (the same calibration sequences; held-out:
+    the next 2 per domain); returns the seconds, the shape and, for a search, its table."""
     from streaming import LocalDataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from composer_shear import prune_oneshot
     from composer_shear._io import atomic_dir
+    from composer_shear.shapes import ModelShape
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32)
+    source_shape = ModelShape.from_config(model.config)
+    if search:
+        from composer_shear.budget import SearchSpace
+        from composer_shear.prune import prune_folder
+        del model
+        report = prune_folder(source, data, f'params={source_shape.resolve_target(target).num_params()}', out,
+                              calibration=CALIBRATION_SEQS * len(DOMAINS), held_out=2 * len(DOMAINS),
+                              space=SearchSpace(multiple_of=SEARCH_MULTIPLE_OF[next(k for k, v in BUDGETS.items()
+                                                                                    if v == b)]),
+                              batch_size=CALIBRATION_SEQS, device='cpu', dtype='fp32', overwrite=True, progress=False)
+        return {'seconds': time.perf_counter() - start, 'shape': report['target'],
+                'search': json.loads((out / 'search.json').read_text())}
     batches = []
     for d in DOMAINS:
         ds = LocalDataset(str(data / 'train' / d))
@@ -174,7 +192,8 @@ def oneshot_model(source: Path, data: Path, out: Path, b: dict, target: dict) ->
     with atomic_dir(out, overwrite=True, marker='config.json') as tmp:
         pruned.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
-    return time.perf_counter() - start
+    shape = ModelShape.from_config(pruned.config)
+    return {'seconds': time.perf_counter() - start, 'shape': shape.target_dict() | {'num_params': shape.num_params()}}
 
 
 def cached(path: Path, key: dict, compute):
@@ -261,9 +280,12 @@ def run_arm(arm: str, seed: int, out: Path, b: dict, source: Path, data: Path, r
                 'continue_from': str(folder / 'prune' / 'dynamic_loading.json'),
                 'initial': 'initial_mix' if 'mix' in fixes else 'pruning_end'}}})
     else:  # one-shot: the pruned model; scratch: the same architecture (its weights are not used)
-        seconds = oneshot_model(source, data, folder / 'pruned', b, target)
+        pruned = oneshot_model(source, data, folder / 'pruned', b, target, search=spec.get('search', False))
         if spec['prune'] == 'oneshot':
-            a['stages']['oneshot'] = {'seconds': seconds}
+            a['stages']['oneshot'] = {'seconds': pruned['seconds']}
+            if 'search' in pruned:
+                a['search'] = pruned['search']
+        a['shape'] = pruned['shape']
         start_model, steps, mix = folder / 'pruned', total, RP_MIX
         cont_extra = OmegaConf.merge(cont_extra, schedule(total, 0, PEAK_LR['continue']))
     if spec['prune'] is not None:  # step 0 of continued pre-training: the exported or one-shot model as it starts
@@ -469,8 +491,8 @@ def report(r: dict, out: Path) -> str:
             lines.append(f'| {arm} | ' + ' | '.join(f'{sum(e.values()) / len(DOMAINS):.3f} | '
                                                     f'{max(e[d] - r["source"][d] for d in DOMAINS):.3f}'
                                                     for e in row) + ' |')
-    learned = {arm: json.loads(p.read_text()) for arm in r['arms']
-               if (p := out / arm / 'pruned' / 'shape_report.json').exists()}
+    learned = {arm: json.loads(p.read_text()) for arm, a in r['arms'].items()
+               if 'prune' in a['stages'] and (p := out / arm / 'pruned' / 'shape_report.json').exists()}
     if learned:  # how far the masks had moved from the target when pruning stopped, and what export then kept
         lines += ['', 'The masks when pruning stopped: expected shape (from the keep probabilities) against the target '
                   f'{r["target"]}, and the structures export kept although the masks had given up on them (log alpha '
@@ -483,6 +505,18 @@ def report(r: dict, out: Path) -> str:
             lines.append(f'| {arm} | {e["num_hidden_layers"]:.1f} | {e["hidden_size"]:.0f} | '
                          f'{e["num_attention_heads"]:.1f} / {e["num_key_value_heads"]:.1f} | '
                          f'{e["intermediate_size"]:.0f} | {e["num_params"] / 1e6:.1f}M | {given} |')
+    searched = {arm: a for arm, a in r['arms'].items() if 'search' in a}
+    if searched:  # the shape composer-shear prune chose under the target's parameter count
+        lines += ['', 'Searched shapes (`composer-shear prune --target params=N`, N = the target\'s count; one-shot '
+                  'held-out loss on 2 train sequences per domain after the 8 calibration ones):', '',
+                  '| run | layers | hidden | heads / kv | intermediate | parameters | shapes scored | loss | seconds |',
+                  '|---' * 9 + '|']
+        for arm, a in searched.items():
+            best, sr = a['search']['best'], a['search']
+            lines.append(f'| {arm} | {best["num_hidden_layers"]} | {best["hidden_size"]} | '
+                         f'{best["num_attention_heads"]} / {best["num_key_value_heads"]} | '
+                         f'{best["intermediate_size"]} | {best["params"]:,} | {sr["scored"]} of {sr["enumerated"]} | '
+                         f'{best["score"]:.3f} | {sr["seconds"]:.0f} |')
     noisy = {arm: a['stages']['prune']['below_half'] for arm, a in r['arms'].items()
              if a['stages'].get('prune', {}).get('below_half')}
     if noisy:  # structured dropout: how often a training draw scales a structure export keeps below 0.5

@@ -50,7 +50,7 @@ def test_reproduce_tiny_budget(tmp_path):
     cmd = [sys.executable, str(ROOT / 'bench' / 'reproduce.py'), '--budget', 'tiny', '--out', str(out),
            '--source', str(tmp_path / 'model'), '--data', str(tmp_path / 'corpus'), '--target', json.dumps(TARGET),
            '--tasks', str(tasks), '--icl-limit', '5', '--icl-max-seq-len', '128']
-    arms = ['fair+kd', 'oneshot+kd', 'scratch']
+    arms = ['fair+kd', 'oneshot+kd', 'searched+kd', 'scratch']
     res = subprocess.run([*cmd, '--arms', ','.join(arms)], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert '(reusing' not in res.stdout
@@ -59,8 +59,13 @@ def test_reproduce_tiny_budget(tmp_path):
     for arm, a in results['arms'].items():
         assert a['arm'] == arm and a['seed'] == 17
         assert len(a['eval']) == 7 and all(0 < v < 20 for v in a['eval'].values()), arm
-        steps = 8 if arm in ('oneshot+kd', 'scratch') else 4  # equal tokens: 4 pruning + 4 continued steps
+        steps = 4 if arm == 'fair+kd' else 8  # equal tokens: 4 pruning + 4 continued steps
         assert a['stages']['continue']['curve'][-1][0] == steps, arm
+    search = results['arms']['searched+kd']['search']  # the searched shape, under the target's parameter count
+    assert search['best']['params'] <= results['arms']['oneshot+kd']['shape']['num_params']
+    assert search['scored'] == search['enumerated'] > 1
+    assert results['arms']['searched+kd']['shape']['num_params'] == search['best']['params']
+    assert '| searched+kd | ' in (out / 'results.md').read_text().split('Searched shapes')[1]
     cfg = OmegaConf.load(out / 'fair+kd' / 'prune' / 'stage.yaml')
     assert cfg.algorithms.shear_distill.teacher == str(tmp_path / 'model')
     pruning = cfg.algorithms.shear_pruning
