@@ -24,7 +24,7 @@ from composer_shear.errors import ShapeError
 from composer_shear.kd import distillation_loss
 from composer_shear.masks import MaskSnapshot, structures_for
 from composer_shear.oneshot import oneshot_masks
-from composer_shear.shapes import ModelShape
+from composer_shear.shapes import STRUCTURE_MODULES, ModelShape
 from composer_shear.surgery import build_model, prune_to_target
 
 __all__ = ['SCORES', 'Candidate', 'SearchResult', 'evaluate', 'masks_to_hold', 'probe', 'prune_shape', 'score_masked',
@@ -44,10 +44,9 @@ class Candidate:
     probe_score: float | None = None
 
     def row(self) -> dict[str, Any]:
-        d = self.shape.target_dict() | {'params': self.params, 'non_embedding_params': self.non_embedding_params,
-                                        'score': self.score, 'probe_score': self.probe_score,
-                                        'seconds': round(self.seconds, 3)}
-        return d
+        return self.shape.target_dict() | {'params': self.params, 'non_embedding_params': self.non_embedding_params,
+                                           'score': self.score, 'probe_score': self.probe_score,
+                                           'seconds': round(self.seconds, 3)}
 
     @property
     def final(self) -> float:
@@ -212,7 +211,7 @@ def search_shapes(model: nn.Module, budget: Budget, scores: Mapping[str, torch.T
 def masks_to_hold(source: ModelShape, shapes: Sequence[ModelShape], modules: Sequence[str]) -> list[str]:
     """The mask structures any of `shapes` prunes: what a run must hold logits for before it picks one."""
     names = {s.name for shape in shapes for s in structures_for(source, shape, modules)}
-    return [n for n in ('layer', 'hidden', 'kv', 'query', 'intermediate') if n in names]
+    return [n for n in STRUCTURE_MODULES if n in names]
 
 
 @torch.no_grad()
