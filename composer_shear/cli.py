@@ -75,8 +75,9 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from composer_shear._remote import is_remote
     from composer_shear.data.prepare import verify_data
-    if not Path(args.data).is_dir():
+    if not is_remote(args.data) and not Path(args.data).is_dir():
         raise FileNotFoundError(f'{args.data} is not a folder')
     problems = verify_data(args.data)
     for line in problems:
@@ -210,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser('prepare-data', help='per-domain jsonl -> tokenized MDS with disjoint train/eval splits')
     p.add_argument('--input', required=True, nargs='+', help='a folder of domain folders, or domain folders')
     p.add_argument('--tokenizer', required=True, help='an HF tokenizer folder')
-    p.add_argument('--out', required=True)
+    p.add_argument('--out', required=True, help='a folder, or an object-store URI (s3://bucket/prefix; '
+                                                '$S3_ENDPOINT_URL for an S3-compatible store)')
     p.add_argument('--max-seq-len', type=int, required=True)
     p.add_argument('--eval-fraction', type=float, default=0.1, help='fraction of documents held out for eval')
     p.add_argument('--seed', type=int, default=17)
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser('verify-data', help='check every shard of a prepare-data output against its recorded size '
                                            'and SHA-1 (exit 1 when any is damaged)')
-    p.add_argument('data', help='the prepare-data output folder')
+    p.add_argument('data', help='the prepare-data output folder or object-store URI')
     p.set_defaults(func=_verify)
 
     p = sub.add_parser('reference-loss', help='per-domain eval loss of a model (JSON for dynamic_loading)')
@@ -239,14 +241,15 @@ def main(argv: list[str] | None = None) -> int:
         return demo(argv[1:])
     args = parser.parse_args(argv)
     from composer_shear._console import quiet_known_warnings
+    from composer_shear._remote import RemoteError
     from composer_shear.errors import ConfigError, ExportError, ShapeError
     quiet_known_warnings()
     try:
         return args.func(args)
-    except (ConfigError, ExportError, ShapeError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ExportError, ShapeError, ValueError, FileNotFoundError, RemoteError) as e:
         message = str(e).removeprefix(f'{args.command}: ')  # the library's messages name the command too
         print(f'composer-shear {args.command}: error: {message}', file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, RemoteError) else 2  # a store out of reach is not bad input
 
 
 if __name__ == '__main__':

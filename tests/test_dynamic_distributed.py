@@ -1,5 +1,6 @@
 """`composer -n 2`: pruning with dynamic loading (2 persistent workers per rank) and per-domain eval. Both ranks
-hold identical weights after every update, and they follow the rule applied to the logged per-domain losses."""
+hold identical weights after every update, and they follow the rule applied to the logged per-domain losses; the
+same data read from an S3-compatible store gives the same run."""
 
 import json
 import os
@@ -58,3 +59,21 @@ def test_resume_gives_the_uninterrupted_run(ddp_run, checkpoint):
         batches = json.loads((ddp_run / f'history-batches-rank{r}.json').read_text())
         again = json.loads((ddp_run / f'resumed-{checkpoint}-batches-rank{r}.json').read_text())
         assert again and all(batches[k] == v for k, v in again.items())
+
+
+def test_data_in_s3_gives_the_local_run(ddp_run, tmp_path):
+    """`dynamic_text` and `domain_eval` with `remote: s3://...` (a prepare-data build prefix named by its manifest),
+    cached locally on 2 ranks: the batches, per-domain losses and domain weights of the run from local data."""
+    from composer_shear._remote import upload_file, upload_tree
+    from composer_shear.data.prepare import FORMAT, MANIFEST
+    from tests.common.s3 import BUCKET, s3_store
+    with s3_store():
+        upload_tree(ddp_run / 'data', f's3://{BUCKET}/dyn/build-1', progress=False)
+        (tmp_path / MANIFEST).write_text(json.dumps({'format': FORMAT, 'data': 'build-1'}))
+        upload_file(tmp_path / MANIFEST, f's3://{BUCKET}/dyn/{MANIFEST}')
+        launch(tmp_path / 'run', f'remote=s3://{BUCKET}/dyn')
+    assert list((tmp_path / 'run' / 'cache' / 'build-1' / 'train' / 'beta').glob('*.mds'))
+    for r in (0, 1):
+        for name in ('history', 'history-batches'):
+            assert json.loads((tmp_path / 'run' / f'{name}-rank{r}.json').read_text()) == \
+                json.loads((ddp_run / f'{name}-rank{r}.json').read_text())

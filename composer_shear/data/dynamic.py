@@ -25,8 +25,9 @@ from numpy.typing import ArrayLike
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from composer_shear._io import write_text
+from composer_shear._remote import join
 from composer_shear.data.plan import Cursor, Plan, interval_samples, make_plan, worker_slice
-from composer_shear.data.prepare import SHARD_HASH, file_hash
+from composer_shear.data.prepare import SHARD_HASH, data_location, file_hash
 from composer_shear.data.weights import check_proportions
 from composer_shear.errors import ConfigError
 
@@ -112,13 +113,14 @@ class DynamicStreamingDataset(IterableDataset):
         if not self.domains:
             raise ConfigError('dynamic_text: dataset.domains is empty')
         self.proportions = check_proportions(proportions, self.domains, 'dataset.proportions')
+        local, remote = data_location(str(local), None if remote is None else str(remote))
         folders = [os.path.join(local, split, d) for d in self.domains]
         if remote is None:  # local data: read directly, without streaming's shared memory
             for folder, d in zip(folders, self.domains, strict=True):
                 check_local_split(folder, d)
             self.store: StreamingDataset | LocalDomains = LocalDomains(folders)
         else:
-            streams = [Stream(local=f, remote=f'{remote}/{split}/{d}') for f, d in zip(folders, self.domains,
+            streams = [Stream(local=f, remote=join(remote, split, d)) for f, d in zip(folders, self.domains,
                                                                                           strict=True)]
             self.store = StreamingDataset(streams=streams, batch_size=device_batch_size, shuffle=False,
                                           download_timeout=download_timeout)
@@ -306,7 +308,8 @@ def data_spec(loader_class: type[DataLoader], ds: IterableDataset, device_batch_
     return DataSpec(loader, get_num_tokens_in_batch=lambda b: int(b['attention_mask'].sum()))
 
 
-EVAL_KEYS = ('local', 'domain', 'max_seq_len')
+EVAL_KEYS = ('local', 'domain', 'max_seq_len', 'remote')
+EVAL_REQUIRED = EVAL_KEYS[:3]
 
 
 def build_domain_eval_dataloader(tokenizer: Any, device_batch_size: int, dataset: dict, drop_last: bool = False,
@@ -321,22 +324,29 @@ def build_domain_eval_dataloader(tokenizer: Any, device_batch_size: int, dataset
         eval_loaders:
           - {label: cc, name: domain_eval, dataset: {local: data/rp, domain: cc, max_seq_len: 4096}}
     """
-    unknown, missing = sorted(set(dataset) - set(EVAL_KEYS)), [k for k in EVAL_KEYS if k not in dataset]
+    unknown, missing = sorted(set(dataset) - set(EVAL_KEYS)), [k for k in EVAL_REQUIRED if k not in dataset]
     if unknown or missing:
         raise ConfigError(f'domain_eval: dataset.{(unknown or missing)[0]} is {"unknown" if unknown else "required"}'
                           f'; keys: {", ".join(EVAL_KEYS)}')
-    ds = DomainEvalSet(str(dataset['local']), str(dataset['domain']), device_batch_size, int(dataset['max_seq_len']))
+    ds = DomainEvalSet(str(dataset['local']), str(dataset['domain']), device_batch_size, int(dataset['max_seq_len']),
+                       remote=dataset.get('remote'))
     return data_spec(DataLoader, ds, device_batch_size, drop_last, num_workers, pin_memory, prefetch_factor,
                      persistent_workers, timeout)
 
 
 class DomainEvalSet(IterableDataset):
-    """One domain's eval split (`{local}/eval/{domain}`), partitioned over ranks by streaming."""
+    """One domain's eval split (`{local}/eval/{domain}`, or `{remote}/eval/{domain}` cached under `local`),
+    partitioned over ranks by streaming."""
 
-    def __init__(self, local: str, domain: str, batch_size: int, max_seq_len: int, domain_id: int = 0) -> None:
+    def __init__(self, local: str, domain: str, batch_size: int, max_seq_len: int, domain_id: int = 0,
+                 remote: str | None = None) -> None:
         from streaming import StreamingDataset
-        check_local_split(os.path.join(local, 'eval', domain), domain)
-        self.store = StreamingDataset(local=os.path.join(local, 'eval', domain), batch_size=batch_size, shuffle=False)
+        local, remote = data_location(str(local), None if remote is None else str(remote))
+        folder = os.path.join(local, 'eval', domain)
+        if remote is None:
+            check_local_split(folder, domain)
+        self.store = StreamingDataset(local=folder, remote=None if remote is None else join(remote, 'eval', domain),
+                                      batch_size=batch_size, shuffle=False)
         self.max_seq_len, self.domain_id = max_seq_len, domain_id
 
     def __len__(self) -> int:
@@ -348,9 +358,10 @@ class DomainEvalSet(IterableDataset):
             yield {'input_ids': torch.from_numpy(ids), 'domain': self.domain_id}
 
 
-def domain_evaluators(local: str, domains: Iterable[str], batch_size: int, max_seq_len: int) -> list[Evaluator]:
+def domain_evaluators(local: str, domains: Iterable[str], batch_size: int, max_seq_len: int,
+                      remote: str | None = None) -> list[Evaluator]:
     """Composer Evaluators labelled with the domain names (what `dynamic_loading` reads), LanguageCrossEntropy."""
     from composer.core import Evaluator
     return [Evaluator(label=d, metric_names=['LanguageCrossEntropy'], dataloader=DataLoader(
-        DomainEvalSet(local, d, batch_size, max_seq_len, i), batch_size=batch_size, collate_fn=collate))
+        DomainEvalSet(local, d, batch_size, max_seq_len, i, remote), batch_size=batch_size, collate_fn=collate))
         for i, d in enumerate(domains)]

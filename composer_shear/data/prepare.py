@@ -13,6 +13,8 @@ and SHA-1, recorded in the MDS index) and skips; with other ones, or over a fold
 output, it refuses unless `overwrite` (a foreign folder is never replaced). One run at a time per `OUT` (a lock).
 Documents are streamed (a first pass counts and validates them, the second tokenizes 256 KiB at a time): memory
 does not grow with the corpus. `verify_data(OUT)` (`composer-shear verify-data`) checks every shard.
+`OUT` may be an object-store URI (`s3://bucket/prefix`): the build is uploaded under a new prefix and published by
+the manifest, written last (`prepare_remote`); readers find the splits with `data_location`.
 """
 
 from __future__ import annotations
@@ -24,14 +26,18 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from composer_shear._io import atomic_dir, write_text
+from composer_shear._remote import download_tree, is_remote, join, list_keys, read_json, upload_file, upload_tree
 
-__all__ = ['MANIFEST', 'find_domains', 'prepare', 'verify_data']
+__all__ = ['MANIFEST', 'data_location', 'find_domains', 'prepare', 'prepare_remote', 'verify_data']
 
 SUFFIXES = ('.jsonl', '.jsonl.gz', '.jsonl.zst')
 # data-looking files this command does not read: named as an error instead of being skipped
@@ -238,34 +244,83 @@ def read_manifest(out: Path) -> dict | None:
 
 def verify_data(out: str | os.PathLike) -> list[str]:
     """Check a prepare-data output: its manifest, every domain's splits against it, every shard's size and SHA-1
-    (`composer-shear verify-data`). Returns the problems found (empty when sound).
+    (`composer-shear verify-data`). Returns the problems found (empty when sound). `out` may be an object-store
+    URI: each domain is downloaded to a temporary folder in turn and checked there.
 
     Example:
         >>> problems = verify_data('data/rp')
         >>> assert not problems, problems
     """
+    if is_remote(out):
+        return verify_remote(str(out))
     out = Path(out)
     if not (out / MANIFEST).is_file():
         return [f'{out / MANIFEST} is missing: not a prepare-data output']
     manifest = read_manifest(out)
     if manifest is None:
         return [f'{out / MANIFEST} is not a manifest of this version of prepare-data (re-run it with --overwrite)']
+    root = out / manifest['data'] if manifest.get('data') else out  # an object store's output, copied to disk
     problems = []
     for split in ('train', 'eval'):
-        present = {p.name for p in (out / split).iterdir() if p.is_dir()} if (out / split).is_dir() else set()
-        problems += [f'{out / split / d} is not in the manifest' for d in sorted(present - set(manifest['domains']))]
+        present = {p.name for p in (root / split).iterdir() if p.is_dir()} if (root / split).is_dir() else set()
+        problems += [f'{root / split / d} is not in the manifest' for d in sorted(present - set(manifest['domains']))]
         for domain in manifest['domains']:
-            problems += shard_problems(out / split / domain)
+            problems += shard_problems(root / split / domain)
     return problems
 
 
-def check_settings(out: Path, max_seq_len: int, eval_fraction: float) -> None:
+def verify_remote(out: str) -> list[str]:
+    """`verify_data` of an object-store output (see `prepare_remote`)."""
+    raw = read_json(join(out, MANIFEST))
+    if raw is None:
+        return [f'{join(out, MANIFEST)} is missing: not a prepare-data output']
+    if not isinstance(raw, dict) or raw.get('format') != FORMAT:
+        return [f'{join(out, MANIFEST)} is not a manifest of this version of prepare-data '
+                '(re-run it with --overwrite)']
+    root = join(out, raw['data']) if raw.get('data') else out
+    keys = list_keys(root)
+    problems = []
+    with tempfile.TemporaryDirectory(prefix='composer_shear_verify_') as tmp:
+        for split in ('train', 'eval'):
+            present = {k.split('/')[1] for k in keys if k.startswith(f'{split}/') and k.count('/') >= 2}
+            problems += [f'{join(root, split, d)} is not in the manifest'
+                         for d in sorted(present - set(raw['domains']))]
+            for domain in raw['domains']:
+                prefix = f'{split}/{domain}/'
+                folder = Path(tmp, split, domain)
+                download_tree(join(root, split, domain), folder,
+                              [k[len(prefix):] for k in keys if k.startswith(prefix)])
+                problems += [p.replace(tmp, root) for p in shard_problems(folder)]
+                shutil.rmtree(folder, ignore_errors=True)
+    return problems
+
+
+def data_location(local: str, remote: str | None = None) -> tuple[str, str | None]:
+    """Where a prepare-data output's `{train,eval}/<domain>` folders are, as (local, remote) roots: the output's
+    own root, or for an output whose manifest names a build prefix (what `prepare_remote` writes) that prefix, on
+    the remote and in its local cache alike (so a cache never mixes two builds).
+
+    Example:
+        >>> data_location('/tmp/cache', 's3://bucket/rp')
+        ('/tmp/cache/build-20261207-101500-1a2b3c4d', 's3://bucket/rp/build-20261207-101500-1a2b3c4d')
+    """
+    if remote is None or not is_remote(remote):
+        manifest = read_manifest(Path(remote or local))
+    else:
+        manifest = read_json(join(remote, MANIFEST))
+    sub = manifest.get('data') if isinstance(manifest, dict) and manifest.get('format') == FORMAT else None
+    if not sub:
+        return local, remote
+    return os.path.join(local, sub), (None if remote is None else join(remote, sub))
+
+
+def check_settings(out: Path | None, max_seq_len: int, eval_fraction: float) -> None:
     """Argument errors, before anything is read or written."""
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
         raise ValueError(f'prepare-data: --max-seq-len must be an integer of at least 2, got {max_seq_len!r}')
     if not 0 < eval_fraction < 1:
         raise ValueError(f'prepare-data: --eval-fraction must be between 0 and 1 (exclusive), got {eval_fraction!r}')
-    if out.exists() and not out.is_dir():
+    if out is not None and out.exists() and not out.is_dir():
         raise ValueError(f'prepare-data: --out {out} exists and is not a folder')
 
 
@@ -314,11 +369,15 @@ def prepare(inputs: str | os.PathLike | Iterable[str | os.PathLike], tokenizer_d
             progress: bool = True, shard_bytes: int = 1 << 26, overwrite: bool = False) -> dict:
     """Tokenize and pack every domain (see the module's docstring); returns the manifest. `shard_bytes`: MDS
     shard size (streaming's default); a shard being written is held in memory. `overwrite`: replace an output
-    prepared from other inputs or settings, or a damaged one.
+    prepared from other inputs or settings, or a damaged one. `out` may be an object-store URI
+    (`s3://bucket/prefix`): see `prepare_remote`.
 
     Example:
         >>> manifest = prepare('redpajama_sample', 'models/SmolLM2-135M', 'data/rp', max_seq_len=2048)
     """
+    if is_remote(out):
+        return prepare_remote(inputs, tokenizer_dir, str(out), max_seq_len, eval_fraction, seed, progress,
+                              shard_bytes, overwrite)
     out = Path(out)
     check_settings(out, max_seq_len, eval_fraction)
     domains = find_domains(inputs)
@@ -329,28 +388,74 @@ def prepare(inputs: str | os.PathLike | Iterable[str | os.PathLike], tokenizer_d
         key = fingerprint(described)
         old = read_manifest(out) if out.is_dir() else None
         has_manifest = (out / MANIFEST).is_file()
-        if old is not None and old.get('fingerprint') == key:
-            problems = verify_data(out)
-            if not problems:
-                return old
-            if not overwrite:
-                raise ValueError(f'prepare-data: {out} is damaged ({problems[0]}'
-                                 f'{f"; {len(problems) - 1} more" if len(problems) > 1 else ""}): '
-                                 'pass --overwrite to rebuild it')
-        elif has_manifest and not overwrite:
-            changed = differences(old.get('inputs') or {}, described) if old else ['an older prepare-data version']
-            raise ValueError(f'prepare-data: {out} was prepared from other inputs or settings '
-                             f'({"; ".join(changed[:3])}{"; ..." if len(changed) > 3 else ""}): '
-                             'pass --overwrite to rebuild it, or choose another --out')
-        elif not has_manifest and out.is_dir() and any(out.iterdir()):
-            raise ValueError(f'prepare-data: {out} is not empty and is not a prepare-data output: refusing to '
-                             'write into it (choose another --out, or empty it)')
+        nonempty = out.is_dir() and any(out.iterdir())
+        previous = reusable(str(out), old, has_manifest, nonempty, described, lambda: verify_data(out), overwrite)
+        if previous is not None:
+            return previous
         with atomic_dir(out, overwrite=True, marker=MANIFEST, mode=0o755) as tmp:
             (tmp / BUILDING).touch()
             manifest = build(domains, tokenizer_dir, tmp, max_seq_len, eval_fraction, seed, progress, shard_bytes)
             manifest.update(fingerprint=key, inputs=described)
             (tmp / BUILDING).unlink()
             write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + '\n')
+    return manifest
+
+
+def reusable(out: str, old: dict | None, has_manifest: bool, nonempty: bool, described: dict,
+             problems: Callable[[], list[str]], overwrite: bool) -> dict | None:
+    """The previous output's manifest when it was prepared from these inputs and is sound (nothing to do); None
+    when a build may go ahead; raises when the build would replace something without `overwrite`."""
+    if old is not None and old.get('fingerprint') == fingerprint(described):
+        found = problems()
+        if not found:
+            return old
+        if not overwrite:
+            raise ValueError(f'prepare-data: {out} is damaged ({found[0]}'
+                             f'{f"; {len(found) - 1} more" if len(found) > 1 else ""}): '
+                             'pass --overwrite to rebuild it')
+    elif has_manifest and not overwrite:
+        changed = differences(old.get('inputs') or {}, described) if old else ['an older prepare-data version']
+        raise ValueError(f'prepare-data: {out} was prepared from other inputs or settings '
+                         f'({"; ".join(changed[:3])}{"; ..." if len(changed) > 3 else ""}): '
+                         'pass --overwrite to rebuild it, or choose another --out')
+    elif not has_manifest and nonempty:
+        raise ValueError(f'prepare-data: {out} is not empty and is not a prepare-data output: refusing to '
+                         'write into it (choose another --out, or empty it)')
+    return None
+
+
+def prepare_remote(inputs: str | os.PathLike | Iterable[str | os.PathLike], tokenizer_dir: str | os.PathLike,
+                   out: str, max_seq_len: int, eval_fraction: float = 0.1, seed: int = 17, progress: bool = True,
+                   shard_bytes: int = 1 << 26, overwrite: bool = False) -> dict:
+    """`prepare` to an object store. An object store has no rename, so the output is built in a local temporary
+    folder, uploaded under a new build prefix (`OUT/build-<time>-<id>/{train,eval}/<domain>/`) and published by
+    writing `OUT/manifest.json` last, naming that prefix in its `data` field (one object written whole: readers
+    see the old build or the new one, never a mixture). A failed run leaves the previous manifest, and so the
+    previous output, as they were; runs still reading the previous build keep reading it (it is not deleted).
+    No lock: run one prepare-data per remote output at a time.
+
+    Example:
+        >>> manifest = prepare('redpajama_sample', 'models/SmolLM2-135M', 's3://bucket/rp', max_seq_len=2048)
+    """
+    check_settings(None, max_seq_len, eval_fraction)
+    domains = find_domains(inputs)
+    check_length(tokenizer_dir, max_seq_len)
+    described = describe_inputs(domains, tokenizer_dir, max_seq_len, eval_fraction, seed)
+    raw = read_json(join(out, MANIFEST))
+    old = raw if isinstance(raw, dict) and raw.get('format') == FORMAT else None
+    has_manifest = raw is not None
+    previous = reusable(out, old, has_manifest, not has_manifest and bool(list_keys(out)), described,
+                        lambda: verify_data(out), overwrite)
+    if previous is not None:
+        return previous
+    data = f'build-{time.strftime("%Y%m%d-%H%M%S", time.gmtime())}-{uuid.uuid4().hex[:8]}'
+    with tempfile.TemporaryDirectory(prefix='composer_shear_prepare_') as tmp:
+        folder = Path(tmp, 'data')
+        manifest = build(domains, tokenizer_dir, folder, max_seq_len, eval_fraction, seed, progress, shard_bytes)
+        manifest.update(fingerprint=fingerprint(described), inputs=described, data=data)
+        upload_tree(folder, join(out, data), progress)
+        Path(tmp, MANIFEST).write_text(json.dumps(manifest, indent=2) + '\n')
+        upload_file(Path(tmp, MANIFEST), join(out, MANIFEST))
     return manifest
 
 

@@ -1,6 +1,7 @@
 """Pruning with dynamic batch loading and per-domain eval on a tiny model. Run with the launcher, from the
-repository root: `composer -n 2 -m tests.common.train_dynamic OUT_DIR [fsdp] [resume=CHECKPOINT]` (FSDP2 also needs
-FSDP_VERSION=2)."""
+repository root: `composer -n 2 -m tests.common.train_dynamic OUT_DIR [fsdp] [resume=CHECKPOINT] [remote=URI]` (FSDP2
+also needs FSDP_VERSION=2; `remote`: read the data from an object store holding `write_data`'s output, cached
+under OUT_DIR/cache)."""
 
 import json
 import sys
@@ -53,21 +54,23 @@ def save_when(state, event):
             or (event == Event.EPOCH_CHECKPOINT and int(state.timestamp.epoch) == 2))
 
 
-def run(out, fsdp=False, resume_from=None):
+def run(out, fsdp=False, resume_from=None, remote=None):
     out = Path(out)
     dist.initialize_dist(DeviceCPU())
     if dist.get_local_rank() == 0 and resume_from is None:
         save_tiny(out / 'model')
-        write_data(out / 'data')
+        if remote is None:
+            write_data(out / 'data')
     dist.barrier()
     tok = AutoTokenizer.from_pretrained(out / 'model')
     model = ComposerHFCausalLM(tok, pretrained_model_name_or_path=str(out / 'model'), pretrained=True,
                                attn_implementation='sdpa', use_train_metrics=False)
     batch = 4
+    local = str(out / ('data' if remote is None else 'cache'))
     train = build_dynamic_text_dataloader(
-        tok, batch, dict(local=str(out / 'data'), domains=DOMAINS, proportions=[0.6, 0.3, 0.1],
+        tok, batch, dict(local=local, remote=remote, domains=DOMAINS, proportions=[0.6, 0.3, 0.1],
                          epoch_size=5 * batch * dist.get_world_size(), max_seq_len=SEQ), num_workers=2)
-    evals = domain_evaluators(str(out / 'data'), DOMAINS, batch, SEQ)
+    evals = domain_evaluators(local, DOMAINS, batch, SEQ, remote=remote)
     record = RecordBatches()
     callback = DynamicLoading(DOMAINS, [0.6, 0.3, 0.1], dict(zip(DOMAINS, REFERENCE, strict=True)))
     trainer = Trainer(
@@ -89,5 +92,5 @@ def run(out, fsdp=False, resume_from=None):
 
 if __name__ == '__main__':
     args = sys.argv[2:]
-    resume = next((a.split('=', 1)[1] for a in args if a.startswith('resume=')), None)
-    run(sys.argv[1], fsdp='fsdp' in args, resume_from=resume)
+    options = dict(a.split('=', 1) for a in args if '=' in a)
+    run(sys.argv[1], fsdp='fsdp' in args, resume_from=options.get('resume'), remote=options.get('remote'))
