@@ -4,6 +4,7 @@ and `S3_ENDPOINT_URL`. Errors name the object and end in one line (`RemoteError`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -13,8 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-__all__ = ['RemoteError', 'download', 'download_tree', 'is_remote', 'join', 'list_keys', 'read_json', 'upload_file',
-           'upload_tree']
+__all__ = ['RemoteError', 'download', 'download_tree', 'is_remote', 'join', 'list_keys', 'local_copy', 'read_json',
+           'upload_file', 'upload_tree']
 
 
 class RemoteError(OSError):
@@ -118,3 +119,29 @@ def download_tree(uri: str, folder: str | os.PathLike, keys: list[str] | None = 
         if not download(join(uri, k), Path(folder, k)):
             missing.append(k)
     return missing
+
+
+@contextlib.contextmanager
+def local_copy(uri: str) -> Iterator[Path]:
+    """A temporary local copy of the object at `uri`, or of every object under it (a folder, such as a sharded
+    checkpoint). A Composer `.symlink` object (what `save_latest_filename` uploads) is followed.
+
+    Example:
+        >>> with local_copy('s3://bucket/run/latest-rank0.pt.symlink') as path:
+        ...     state = torch.load(path)
+    """
+    if uri.endswith('.symlink'):
+        with tempfile.TemporaryDirectory() as tmp:
+            if not download(uri, Path(tmp, 'link')):
+                raise RemoteError(f'{uri}: no such object')
+            target = Path(tmp, 'link').read_text().strip()
+        parsed = urlparse(uri)
+        uri = f'{parsed.scheme}://{parsed.netloc}/{target.lstrip("/")}'
+    with tempfile.TemporaryDirectory(prefix='composer_shear_remote_') as tmp:
+        path = Path(tmp, uri.rstrip('/').rsplit('/', 1)[-1])
+        if not download(uri, path):
+            keys = list_keys(uri)
+            if not keys:
+                raise RemoteError(f'{uri}: no such object or prefix')
+            download_tree(uri, path, keys)
+        yield path

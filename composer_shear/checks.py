@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from composer_shear._io import REPORT_FILE, check_replaceable
+from composer_shear._remote import is_remote
 from composer_shear.errors import ExportError
 
 __all__ = ['check_export_args', 'check_hf_folder', 'check_inspect_args', 'check_positive', 'check_reference_args']
@@ -59,7 +60,7 @@ def check_export_args(checkpoint: str | os.PathLike, out: str | os.PathLike, sou
     if source is not None:
         check_hf_folder(source, '--source', 'export', ExportError)
     check_replaceable(out, overwrite, marker=REPORT_FILE)
-    if not Path(checkpoint).exists():
+    if not is_remote(checkpoint) and not Path(checkpoint).exists():  # a URI is checked when it is downloaded
         raise ExportError(f'checkpoint {checkpoint} does not exist')
 
 

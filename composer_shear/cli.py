@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_eval)
 
     p = sub.add_parser('export', help='masked Composer checkpoint -> pruned Hugging Face model folder')
-    p.add_argument('--checkpoint', required=True, help='a Composer checkpoint: a .pt file or a sharded folder')
+    p.add_argument('--checkpoint', required=True, help='a Composer checkpoint: a .pt file or a sharded folder, '
+                   'local or in an object store (s3://...; a latest-rank0.pt.symlink is followed)')
     p.add_argument('--out', required=True, help='the folder to write (must not exist unless --overwrite)')
     p.add_argument('--source', help='the source HF model folder (config, tokenizer); default: the checkpoint\'s '
                                     'stored HF metadata')

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from composer_shear._io import REPORT_FILE, atomic_dir, atomic_file
+from composer_shear._remote import is_remote, local_copy
 from composer_shear.checks import check_export_args, check_inspect_args
 from composer_shear.errors import ExportError
 from composer_shear.masks import MASKS_ATTR, MaskSnapshot, ShearMasks, target_buffer, target_from_buffer
@@ -251,9 +252,14 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, sou
                       optimizer_state: bool = False) -> dict:
     """`composer-shear export`: checkpoint -> HF folder. The config and tokenizer come from `source` (an HF
     folder) when given, else from the HF metadata Composer stores in the checkpoint. `optimizer_state`: also write
-    the kept weights' Adam moments (`optimizer_state.safetensors`, a whole .pt checkpoint only)."""
+    the kept weights' Adam moments (`optimizer_state.safetensors`, a whole .pt checkpoint only). `checkpoint` may
+    be an object-store URI (a whole checkpoint, a sharded checkpoint's prefix, or Composer's `latest-*.symlink`):
+    it is downloaded to a temporary folder first."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     check_export_args(checkpoint, out, source, overwrite)  # before the checkpoint is read
+    if is_remote(checkpoint):
+        with local_copy(str(checkpoint)) as local:
+            return export_checkpoint(local, out, source, dtype, overwrite, mmap, optimizer_state)
     model_sd, hf_meta = read_checkpoint(checkpoint, mmap=mmap)
     hf_sd, mask_sd = split_model_state(model_sd)
     tokenizer = generation = None

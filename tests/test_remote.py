@@ -167,3 +167,52 @@ def test_an_unreachable_store_is_one_line_naming_the_object(s3, tmp_path, tok_di
     assert main(['prepare-data', '--input', str(root), '--tokenizer', tok_dir, '--out', URI, '--max-seq-len',
                  str(SEQ)]) == 1
     assert capsys.readouterr().err.count('\n') == 1
+
+
+@pytest.mark.slow
+def test_checkpoints_in_s3_resume_after_sigkill_and_export(tmp_path):
+    """A pruning run saving to `save_folder: s3://...` with autoresume, killed (SIGKILL) once the store holds its
+    step-6 checkpoint and `latest` link, resumes from the store and ends with the masks, multipliers and losses of
+    an uninterrupted run; `export --checkpoint s3://.../latest-rank0.pt.symlink` gives the uninterrupted run's
+    export, byte for byte."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from composer_shear.export import export_checkpoint
+    from tests.common import train_tiny
+    root = Path(__file__).resolve().parent.parent
+    args = dict(steps=10, save_interval='2ba', eval_interval='5ba', warmup='4ba', autoresume=True)
+    with s3_store() as server:
+        train_tiny.run(tmp_path / 'full', **args)
+        cmd = [str(Path(sys.executable).with_name('composer')), '-n', '1', '-m', 'tests.common.train_tiny',
+               str(tmp_path / 'killed'), *(f'{k}={json.dumps(v) if k == "autoresume" else v}' for k, v in args.items()),
+               f'save_folder=s3://{BUCKET}/run', f'model_dir={tmp_path / "full" / "source"}']
+        proc = subprocess.Popen([*cmd, 'hold_at=7'], start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, cwd=root)
+        link, deadline = 'run/latest-rank0.pt.symlink', time.time() + 600
+
+        def latest():
+            return server.client().get_object(Bucket=BUCKET, Key=link)['Body'].read().decode() \
+                if link in server.keys('run/') else ''
+        while latest() != 'run/ep0-ba6-rank0.pt':
+            assert proc.poll() is None and time.time() < deadline, 'the run ended before it could be killed'
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not (tmp_path / 'killed' / 'masks-rank0.pt').exists()  # it died mid-run
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
+        assert res.returncode == 0, res.stderr[-5000:]
+        full, resumed = (torch.load(tmp_path / run / 'masks-rank0.pt') for run in ('full', 'killed'))
+        assert all(torch.equal(full['log_alpha'][k], resumed['log_alpha'][k]) for k in full['log_alpha'])
+        assert torch.equal(full['lambdas'], resumed['lambdas'])
+        before, after = (json.loads((tmp_path / run / 'losses-rank0.json').read_text()) for run in ('full', 'killed'))
+        assert after and min(map(int, after)) >= 6 and all(before[k] == v for k, v in after.items())
+        export_checkpoint(tmp_path / 'full' / 'ckpt' / 'ep0-ba10-rank0.pt', tmp_path / 'local-export')
+        export_checkpoint(f's3://{BUCKET}/run/latest-rank0.pt.symlink', tmp_path / 'remote-export')
+    for name in ('model.safetensors', 'config.json', 'shape_report.json'):
+        assert (tmp_path / 'remote-export' / name).read_bytes() == (tmp_path / 'local-export' / name).read_bytes()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from composer import Callback, Evaluator, Trainer
+from composer.callbacks import CheckpointSaver
 from composer.devices import DeviceCPU
 from composer.optim import CosineAnnealingScheduler, DecoupledAdamW
 from composer.utils import dist
@@ -24,6 +25,26 @@ from composer_shear.masks import refresh_fp32
 from composer_shear.testing import TARGET, Tokens, loader, save_tiny
 
 __all__ = ['TARGET', 'LossLog', 'Tokens', 'loader', 'run']
+
+
+class HoldForUploads(Callback):
+    """At the end of step `step`, stay (as a slow step would) until Composer's uploader has put every checkpoint
+    and `latest` link saved so far into the store, then `linger` seconds more: a test can then kill the run
+    after a known checkpoint upload. (Composer's upload workers are spawned processes that import this module;
+    on a busy machine they start after a short run would have ended.)"""
+
+    def __init__(self, step, linger=5.0):
+        self.step, self.linger = step, linger
+
+    def batch_end(self, state, logger):
+        if int(state.timestamp.batch) != self.step:
+            return
+        saver = next(cb for cb in state.callbacks if isinstance(cb, CheckpointSaver))
+        deadline = time.time() + 600
+        while saver.symlink_upload_tasks and time.time() < deadline:
+            saver.batch_end(state, logger)  # collects finished uploads and uploads the links they unblock
+            time.sleep(0.2)
+        time.sleep(self.linger)
 
 
 class LossLog(Callback):
@@ -46,8 +67,10 @@ class LossLog(Callback):
 def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_interval='40ba', autoresume=False,
         model_dir=None, load_path=None, batch=4, target=None, modules=None, eval_interval='40ba', schedule='cosine',
         loggers=(), sleep=0.0, prune=True, distill=None, distill_first=False, mask_lr_schedule='model', callbacks=(),
-        multiplier_update='adam', train_loader=None, also_full=False, mixed_precision=None, probe=False):
+        multiplier_update='adam', train_loader=None, also_full=False, mixed_precision=None, probe=False,
+        save_folder=None, hold_at=None):
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     dist.initialize_dist(DeviceCPU())
     if model_dir is None:
         model_dir = out / 'source'
@@ -74,13 +97,18 @@ def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_i
         eval_dataloader=Evaluator(label='eval', dataloader=loader(Tokens(16, 32, vocab, seed=1), batch),
                                   metric_names=['LanguageCrossEntropy']), eval_interval=eval_interval,
         max_duration=f'{steps}ba', algorithms=algorithms,
-        callbacks=([PruningMonitor(), losses] if prune else [losses]) + list(callbacks),
+        callbacks=([PruningMonitor(), losses] if prune else [losses]) + list(callbacks)
+        + ([HoldForUploads(hold_at)] if hold_at else []),
         device='cpu',
-        precision='fp32', save_folder=str(out / 'ckpt'), save_interval=save_interval, save_overwrite=not autoresume,
+        precision='fp32', save_folder=save_folder or str(out / 'ckpt'), save_interval=save_interval,
+        save_overwrite=not autoresume,
         save_latest_filename='latest-rank{rank}.pt', run_name='tiny', autoresume=autoresume, load_path=load_path,
         parallelism_config=parallelism, seed=17, progress_bar=False, log_to_console=False,
         loggers=list(loggers), device_train_microbatch_size=batch // 2,
         schedulers=CosineAnnealingScheduler(alpha_f=0.0) if schedule == 'cosine' else None)
+    for cb in trainer.state.callbacks:  # Composer polls the store every 30 s before it moves `latest` there
+        if isinstance(cb, CheckpointSaver):
+            cb._symlink_upload_wait_before_next_try_in_seconds = 0.2
     trainer.fit()
     rank = dist.get_global_rank()
     if also_full and trainer.state.fsdp_state_dict_type == 'sharded':  # the same state, also as one whole file
