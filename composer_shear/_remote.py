@@ -60,7 +60,10 @@ def download(uri: str, path: str | os.PathLike) -> bool:
     store, key = _store(uri)
     try:
         store.download_object(key, str(path), overwrite=True)
-    except FileNotFoundError:
+    except FileNotFoundError as e:  # Composer reports S3's 403 (access denied) as not found, too
+        code = str(getattr(e.__cause__, 'response', {}).get('Error', {}).get('Code', ''))
+        if code in ('403', 'AccessDenied', 'Forbidden'):
+            raise RemoteError(f'{uri}: access denied (check the credentials)') from None
         return False
     except Exception as e:
         raise _fail(uri, 'download', e) from None
@@ -134,9 +137,11 @@ def local_copy(uri: str) -> Iterator[Path]:
         with tempfile.TemporaryDirectory() as tmp:
             if not download(uri, Path(tmp, 'link')):
                 raise RemoteError(f'{uri}: no such object')
-            target = Path(tmp, 'link').read_text().strip()
+            target = Path(tmp, 'link').read_bytes().decode('utf-8', 'replace').strip()
+        if not target or '\ufffd' in target:
+            raise RemoteError(f'{uri}: not a link (empty, or not text)')
         parsed = urlparse(uri)
-        uri = f'{parsed.scheme}://{parsed.netloc}/{target.lstrip("/")}'
+        uri = target if is_remote(target) else f'{parsed.scheme}://{parsed.netloc}/{target.lstrip("/")}'
     with tempfile.TemporaryDirectory(prefix='composer_shear_remote_') as tmp:
         path = Path(tmp, uri.rstrip('/').rsplit('/', 1)[-1])
         if not download(uri, path):

@@ -85,6 +85,7 @@ def test_prepare_to_s3_is_the_local_output_published_last(s3, tmp_path, tok_dir,
         uploaded.clear()
         with monkeypatch.context() as m:
             m.setattr(_remote, 'upload_file', lambda p, u, e=error: fails_after_three(p, u, e))
+            m.setattr('composer_shear.data.prepare.upload_file', lambda p, u, e=error: fails_after_three(p, u, e))
             with pytest.raises(type(error)):
                 prepare(root, tok_dir, URI, SEQ // 2, eval_fraction=0.2, progress=False, overwrite=True)
         assert len(uploaded) == 3 and not any(u.endswith('manifest.json') for u in uploaded)
@@ -95,6 +96,20 @@ def test_prepare_to_s3_is_the_local_output_published_last(s3, tmp_path, tok_dir,
     half = prepare(root, tok_dir, URI, SEQ // 2, eval_fraction=0.2, progress=False, overwrite=True)
     assert half['data'] != build and half['max_seq_len'] == SEQ // 2 and verify_data(URI) == []
     assert {k for k in s3.keys('rp/') if k.startswith(f'rp/{build}/')} == {f'rp/{build}/{k}' for k in files}
+
+    # a first publish that failed leaves only its build prefix: the next run goes ahead without --overwrite
+    with monkeypatch.context() as m:
+        m.setattr('composer_shear.data.prepare.upload_file', no_upload)
+        with pytest.raises(AssertionError, match='must not be redone'):
+            prepare(root, tok_dir, f's3://{BUCKET}/fresh', SEQ, eval_fraction=0.2, progress=False)
+    assert s3.keys('fresh/') and not [k for k in s3.keys('fresh/') if k.endswith('manifest.json')]
+    assert 'data' in prepare(root, tok_dir, f's3://{BUCKET}/fresh', SEQ, eval_fraction=0.2, progress=False)
+    # a manifest that is not JSON: refused, then replaced with --overwrite
+    s3.client().put_object(Bucket=BUCKET, Key='fresh/manifest.json', Body=b'{cut')
+    with pytest.raises(ValueError, match='older prepare-data version'):
+        prepare(root, tok_dir, f's3://{BUCKET}/fresh', SEQ, eval_fraction=0.2, progress=False)
+    prepare(root, tok_dir, f's3://{BUCKET}/fresh', SEQ, eval_fraction=0.2, progress=False, overwrite=True)
+    assert verify_data(f's3://{BUCKET}/fresh') == []
 
     # a folder of other objects is never written into
     s3.client().put_object(Bucket=BUCKET, Key='mine/notes.txt', Body=b'keep')
@@ -150,6 +165,33 @@ def test_loaders_read_s3_through_a_cache_as_the_local_output(s3, tmp_path, tok_d
                                                                   remote=URI)]
         assert remote == [s['input_ids'].tolist() for s in DomainEvalSet(str(tmp_path / 'local'), domain, 2, SEQ)]
 
+    # a run resumed after a new build was published refuses to apply its cursors to other data; the old build's
+    # prefix, pinned as `remote`, resumes on the data it read (its own cache folder)
+    from composer_shear.data.dynamic import DynamicStreamingDataset
+    from composer_shear.errors import ConfigError
+
+    def dataset(cache, remote):
+        return DynamicStreamingDataset(local=str(cache), remote=remote, domains=['alpha', 'beta'],
+                                       proportions=[0.5, 0.5], epoch_size=4, device_batch_size=2, max_seq_len=SEQ)
+    before = dataset(tmp_path / 'cache0', URI)
+    state = before.state_dict()
+    assert state['build'] == manifest['data']
+    before.start_interval()
+    expected = [x['input_ids'].tolist() for x in before]
+    write_jsonl(root / 'beta' / 'more.jsonl', docs('beta', range(20, 30)))
+    new = prepare(root, tok_dir, URI, SEQ, eval_fraction=0.2, progress=False, overwrite=True)['data']
+    with pytest.raises(ConfigError, match=f'read build {manifest["data"]} of the data, which now publishes {new}'):
+        dataset(tmp_path / 'cache2', URI).load_state_dict(state)
+    pinned = dataset(tmp_path / 'cache3', f'{URI}/{manifest["data"]}')
+    pinned.load_state_dict(state)
+    pinned.start_interval()
+    assert [x['input_ids'].tolist() for x in pinned] == expected != []
+
+    s3.client().put_object(Bucket=BUCKET, Key='run/empty.symlink', Body=b'')
+    with pytest.raises(RemoteError, match=re.escape(f's3://{BUCKET}/run/empty.symlink: not a link')):
+        with _remote.local_copy(f's3://{BUCKET}/run/empty.symlink'):
+            pass
+
 
 def test_an_unreachable_store_is_one_line_naming_the_object(s3, tmp_path, tok_dir, corpus, capsys):
     from composer_shear.cli import main
@@ -162,7 +204,10 @@ def test_an_unreachable_store_is_one_line_naming_the_object(s3, tmp_path, tok_di
     assert main(['verify-data', URI]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f'composer-shear verify-data: error: {URI}/manifest.json: cannot download (')
-    assert len(err.splitlines()) == 1 and time.monotonic() - start < 60
+    assert len(err.splitlines()) == 1 and time.monotonic() - start < 120  # botocore's retries, not a hang
+    with pytest.raises(RemoteError, match=re.escape(f's3://{BUCKET}/run/x.symlink: cannot download')):
+        with _remote.local_copy(f's3://{BUCKET}/run/x.symlink'):
+            pass
     write_jsonl(root / 'alpha' / 'z.jsonl', docs('alpha', [99]))
     assert main(['prepare-data', '--input', str(root), '--tokenizer', tok_dir, '--out', URI, '--max-seq-len',
                  str(SEQ)]) == 1

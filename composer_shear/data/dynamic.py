@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from composer_shear._io import write_text
 from composer_shear._remote import join
 from composer_shear.data.plan import Cursor, Plan, interval_samples, make_plan, worker_slice
-from composer_shear.data.prepare import SHARD_HASH, data_location, file_hash
+from composer_shear.data.prepare import SHARD_HASH, data_location, file_hash, published_build
 from composer_shear.data.weights import check_proportions
 from composer_shear.errors import ConfigError
 
@@ -43,6 +43,17 @@ def _scratch_dir() -> str:
     owner = os.getpid()
     atexit.register(lambda: os.getpid() == owner and shutil.rmtree(path, ignore_errors=True))
     return path
+
+
+def agreed_build(local: str, remote: str | None) -> str | None:
+    """`published_build`, read by global rank 0 and shared with every rank (when the data is remote and several
+    ranks run), so all ranks read one build even if a new one is published while they start."""
+    from composer.utils import dist
+    if remote is None or not dist.is_initialized() or dist.get_world_size() == 1:
+        return published_build(local, remote)
+    found = [published_build(local, remote) if dist.get_global_rank() == 0 else None]
+    dist.broadcast_object_list(found, src=0)
+    return found[0]
 
 
 def check_local_split(folder: str, domain: str) -> None:
@@ -113,7 +124,8 @@ class DynamicStreamingDataset(IterableDataset):
         if not self.domains:
             raise ConfigError('dynamic_text: dataset.domains is empty')
         self.proportions = check_proportions(proportions, self.domains, 'dataset.proportions')
-        local, remote = data_location(str(local), None if remote is None else str(remote))
+        self.build = agreed_build(str(local), remote)
+        local, remote = data_location(str(local), remote, self.build)
         folders = [os.path.join(local, split, d) for d in self.domains]
         if remote is None:  # local data: read directly, without streaming's shared memory
             for folder, d in zip(folders, self.domains, strict=True):
@@ -196,7 +208,12 @@ class DynamicStreamingDataset(IterableDataset):
                 for k in range(num_batches)]
 
     def state_dict(self, num_samples: int = 0, from_beginning: bool = True) -> dict:
-        """Resume state: interval, global samples consumed in it, cursors at its start, proportions."""
+        """Resume state: interval, global samples consumed in it, cursors at its start, proportions (and the
+        build read, for a published remote build)."""
+        state = self._position(num_samples)
+        return state if self.build is None else {**state, 'build': self.build}
+
+    def _position(self, num_samples: int) -> dict:
         if self.plan is None:  # nothing iterated since construction or a resume
             pinned = self.proportions if self._pinned is None else self._pinned
             return {'epoch': self._next_epoch, 'sample_in_epoch': self._next_skip,
@@ -218,6 +235,11 @@ class DynamicStreamingDataset(IterableDataset):
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from `state_dict`: the next interval starts where the checkpointed one stood."""
+        saved = state.get('build')
+        if saved is not None and self.build is not None and saved != self.build:
+            raise ConfigError(f'dynamic_text: the checkpoint read build {saved} of the data, which now publishes '
+                              f'{self.build}; set dataset.remote to the old build\'s prefix ({saved}) to resume '
+                              'on the same data')
         self._next_epoch = int(state['epoch'])
         self._next_cursor = Cursor(**state['cursor'])
         self._next_skip = int(state['sample_in_epoch'])
@@ -341,7 +363,7 @@ class DomainEvalSet(IterableDataset):
     def __init__(self, local: str, domain: str, batch_size: int, max_seq_len: int, domain_id: int = 0,
                  remote: str | None = None) -> None:
         from streaming import StreamingDataset
-        local, remote = data_location(str(local), None if remote is None else str(remote))
+        local, remote = data_location(str(local), remote, agreed_build(str(local), remote))
         folder = os.path.join(local, 'eval', domain)
         if remote is None:
             check_local_split(folder, domain)

@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -37,7 +38,7 @@ import numpy as np
 from composer_shear._io import atomic_dir, write_text
 from composer_shear._remote import download_tree, is_remote, join, list_keys, read_json, upload_file, upload_tree
 
-__all__ = ['MANIFEST', 'data_location', 'find_domains', 'prepare', 'prepare_remote', 'verify_data']
+__all__ = ['MANIFEST', 'data_location', 'find_domains', 'prepare', 'prepare_remote', 'published_build', 'verify_data']
 
 SUFFIXES = ('.jsonl', '.jsonl.gz', '.jsonl.zst')
 # data-looking files this command does not read: named as an error instead of being skipped
@@ -45,6 +46,7 @@ UNSUPPORTED = ('.json', '.json.gz', '.json.zst', '.jsonl.bz2', '.jsonl.xz', '.js
 MANIFEST = 'manifest.json'
 FORMAT = 'composer_shear.prepare-data/2'  # the manifest's `format`: what this module writes and can skip
 BUILDING = '.prepare-data-building'  # marks a temporary output folder as this command's
+BUILD = re.compile(r'build-\d{8}-\d{6}-[0-9a-f]{8}')  # the prefix of one remote build (`prepare_remote`)
 SHARD_HASH = 'sha1'
 
 
@@ -274,7 +276,7 @@ def verify_remote(out: str) -> list[str]:
     raw = read_json(join(out, MANIFEST))
     if raw is None:
         return [f'{join(out, MANIFEST)} is missing: not a prepare-data output']
-    if not isinstance(raw, dict) or raw.get('format') != FORMAT:
+    if not isinstance(raw, dict) or raw.get('format') != FORMAT or not isinstance(raw.get('domains'), dict):
         return [f'{join(out, MANIFEST)} is not a manifest of this version of prepare-data '
                 '(re-run it with --overwrite)']
     root = join(out, raw['data']) if raw.get('data') else out
@@ -290,28 +292,37 @@ def verify_remote(out: str) -> list[str]:
                 folder = Path(tmp, split, domain)
                 download_tree(join(root, split, domain), folder,
                               [k[len(prefix):] for k in keys if k.startswith(prefix)])
-                problems += [p.replace(tmp, root) for p in shard_problems(folder)]
+                problems += [p.replace(str(folder), join(root, split, domain)) for p in shard_problems(folder)]
                 shutil.rmtree(folder, ignore_errors=True)
     return problems
 
 
-def data_location(local: str, remote: str | None = None) -> tuple[str, str | None]:
-    """Where a prepare-data output's `{train,eval}/<domain>` folders are, as (local, remote) roots: the output's
-    own root, or for an output whose manifest names a build prefix (what `prepare_remote` writes) that prefix, on
-    the remote and in its local cache alike (so a cache never mixes two builds).
-
-    Example:
-        >>> data_location('/tmp/cache', 's3://bucket/rp')
-        ('/tmp/cache/build-20261207-101500-1a2b3c4d', 's3://bucket/rp/build-20261207-101500-1a2b3c4d')
-    """
+def published_build(local: str, remote: str | None = None) -> str | None:
+    """The build a prepare-data output publishes: the `data` field of its manifest (what `prepare_remote` writes),
+    or the build a `remote` ending in `build-...` names itself (a pinned build); None for a plain output."""
+    remote = remote or None
+    if remote is not None and BUILD.fullmatch(remote.rstrip('/').rsplit('/', 1)[-1]):
+        return None  # the build's own prefix: already the data root
     if remote is None or not is_remote(remote):
         manifest = read_manifest(Path(remote or local))
     else:
         manifest = read_json(join(remote, MANIFEST))
-    sub = manifest.get('data') if isinstance(manifest, dict) and manifest.get('format') == FORMAT else None
-    if not sub:
+    return (manifest.get('data') or None) if isinstance(manifest, dict) and manifest.get('format') == FORMAT else None
+
+
+def data_location(local: str, remote: str | None = None, build: str | None = None) -> tuple[str, str | None]:
+    """Where a prepare-data output's `{train,eval}/<domain>` folders are, as (local, remote) roots: the output's
+    own root, or under `build` (see `published_build`) on the remote and in its local cache alike, so a cache
+    never mixes two builds.
+
+    Example:
+        >>> data_location('/tmp/cache', 's3://bucket/rp', 'build-20261207-101500-1a2b3c4d')
+        ('/tmp/cache/build-20261207-101500-1a2b3c4d', 's3://bucket/rp/build-20261207-101500-1a2b3c4d')
+    """
+    remote = remote or None
+    if not build:
         return local, remote
-    return os.path.join(local, sub), (None if remote is None else join(remote, sub))
+    return os.path.join(local, build), (None if remote is None else join(remote, build))
 
 
 def check_settings(out: Path | None, max_seq_len: int, eval_fraction: float) -> None:
@@ -443,9 +454,11 @@ def prepare_remote(inputs: str | os.PathLike | Iterable[str | os.PathLike], toke
     described = describe_inputs(domains, tokenizer_dir, max_seq_len, eval_fraction, seed)
     raw = read_json(join(out, MANIFEST))
     old = raw if isinstance(raw, dict) and raw.get('format') == FORMAT else None
-    has_manifest = raw is not None
-    previous = reusable(out, old, has_manifest, not has_manifest and bool(list_keys(out)), described,
-                        lambda: verify_data(out), overwrite)
+    keys = list_keys(out) if raw is None else []
+    has_manifest = raw is not None or MANIFEST in keys  # one that is not JSON counts: --overwrite replaces it
+    orphan = [k for k in keys if BUILD.fullmatch(k.split('/', 1)[0])]  # left by a run that failed before publishing
+    previous = reusable(out, old, has_manifest, bool(set(keys) - set(orphan)), described, lambda: verify_data(out),
+                        overwrite)
     if previous is not None:
         return previous
     data = f'build-{time.strftime("%Y%m%d-%H%M%S", time.gmtime())}-{uuid.uuid4().hex[:8]}'

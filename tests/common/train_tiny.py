@@ -28,23 +28,26 @@ __all__ = ['TARGET', 'LossLog', 'Tokens', 'loader', 'run']
 
 
 class HoldForUploads(Callback):
-    """At the end of step `step`, stay (as a slow step would) until Composer's uploader has put every checkpoint
-    and `latest` link saved so far into the store, then `linger` seconds more: a test can then kill the run
-    after a known checkpoint upload. (Composer's upload workers are spawned processes that import this module;
-    on a busy machine they start after a short run would have ended.)"""
+    """At the end of step `step`, stay until Composer's uploader has put every checkpoint and `latest` link saved
+    so far into the store, then wait to be killed (a test kills the run after a known checkpoint upload; not
+    killed within `timeout` seconds is an error). Composer's upload workers are spawned processes that import
+    this module: on a busy machine they start after a short run would have ended."""
 
-    def __init__(self, step, linger=5.0):
-        self.step, self.linger = step, linger
+    def __init__(self, step, timeout=600.0):
+        self.step, self.timeout = step, timeout
 
     def batch_end(self, state, logger):
         if int(state.timestamp.batch) != self.step:
             return
         saver = next(cb for cb in state.callbacks if isinstance(cb, CheckpointSaver))
-        deadline = time.time() + 600
-        while saver.symlink_upload_tasks and time.time() < deadline:
+        deadline = time.time() + self.timeout
+        while saver.symlink_upload_tasks:
             saver.batch_end(state, logger)  # collects finished uploads and uploads the links they unblock
             time.sleep(0.2)
-        time.sleep(self.linger)
+            if time.time() > deadline:
+                raise RuntimeError(f'the checkpoint uploads did not finish in {self.timeout:.0f} s')
+        time.sleep(max(0.0, deadline - time.time()))
+        raise RuntimeError(f'held at step {self.step} for {self.timeout:.0f} s and not killed')
 
 
 class LossLog(Callback):
@@ -106,7 +109,8 @@ def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_i
         parallelism_config=parallelism, seed=17, progress_bar=False, log_to_console=False,
         loggers=list(loggers), device_train_microbatch_size=batch // 2,
         schedulers=CosineAnnealingScheduler(alpha_f=0.0) if schedule == 'cosine' else None)
-    for cb in trainer.state.callbacks:  # Composer polls the store every 30 s before it moves `latest` there
+    # Composer polls the store every 30 s before it moves `latest` there (a private attribute of composer 0.32)
+    for cb in trainer.state.callbacks:
         if isinstance(cb, CheckpointSaver):
             cb._symlink_upload_wait_before_next_try_in_seconds = 0.2
     trainer.fit()
