@@ -16,7 +16,7 @@ import torch
 import zstandard
 
 from composer_shear.data.prepare import prepare, verify_data
-from composer_shear.testing import save_tiny, tiny_tokenizer
+from composer_shear.testing import save_tiny
 
 SEQ = 32
 BOS, EOS = 1, 2
@@ -54,12 +54,6 @@ def write_jsonl(path, lines):
 
 def docs(domain, ids):
     return [{'text': doc_text(domain, i), 'meta': {'n': i}} for i in ids]
-
-
-@pytest.fixture
-def tok_dir(tmp_path):
-    tiny_tokenizer().save_pretrained(tmp_path / 'tok')
-    return str(tmp_path / 'tok')
 
 
 @pytest.fixture

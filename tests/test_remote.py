@@ -13,17 +13,10 @@ import pytest
 from composer_shear import _remote
 from composer_shear._remote import RemoteError
 from composer_shear.data.prepare import prepare, verify_data
-from composer_shear.testing import tiny_tokenizer
 from tests.common.s3 import BUCKET, s3_store
 from tests.test_prepare import SEQ, docs, snapshot, write_jsonl
 
 URI = f's3://{BUCKET}/rp'
-
-
-@pytest.fixture
-def tok_dir(tmp_path):
-    tiny_tokenizer().save_pretrained(tmp_path / 'tok')
-    return str(tmp_path / 'tok')
 
 
 @pytest.fixture

@@ -316,8 +316,8 @@ def data_location(local: str, remote: str | None = None, build: str | None = Non
     never mixes two builds.
 
     Example:
-        >>> data_location('/tmp/cache', 's3://bucket/rp', 'build-20261207-101500-1a2b3c4d')
-        ('/tmp/cache/build-20261207-101500-1a2b3c4d', 's3://bucket/rp/build-20261207-101500-1a2b3c4d')
+        >>> data_location('cache', 's3://bucket/rp', 'build-20261207-101500-1a2b3c4d')
+        ('cache/build-20261207-101500-1a2b3c4d', 's3://bucket/rp/build-20261207-101500-1a2b3c4d')
     """
     remote = remote or None
     if not build:
