@@ -9,6 +9,7 @@ logits clamped at ``BATCH_END``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -343,8 +344,11 @@ class ShearPruning(Algorithm):
         best = min(range(len(losses)), key=lambda i: losses[i])
         shape = self._candidates[best]
         self._retarget(masks, shape)
+        from composer.utils import dist
+        # the mean over ranks, so that every rank records (and checkpoints) the same search
+        seconds = float(reduce(torch.tensor([time.perf_counter() - start], dtype=torch.float64))[0])
         self.searched = {'budget': self.budget.describe(), 'shape': shape.target_dict(), 'params': shape.num_params(),
-                         'loss': losses[best], 'seconds': round(time.perf_counter() - start, 2),
+                         'loss': losses[best], 'seconds': round(seconds / dist.get_world_size(), 2),
                          'candidates': [c.target_dict() | {'params': c.num_params(), 'loss': loss}
                                         for c, loss in zip(self._candidates, losses, strict=True)]}
         log.info('shear_pruning: searched %d shapes under %s; chose %s (%d parameters, held-out loss %.4f)',
@@ -469,17 +473,21 @@ class ShearPruning(Algorithm):
         self._lag = None
 
     def state_dict(self) -> dict[str, Any]:
+        """The same keys before and after the shape is known: a sharded checkpoint loads only the keys the resuming
+        run's own state has, so the shape (and the budget search's result) travel as one JSON string."""
         out = super().state_dict()
         out['initialized'] = self._initialized
         out['log_alpha_max'] = self.log_alpha_max
-        if self.searched is not None:
-            out['searched'] = self.searched
+        shape = {'searched': self.searched}
         if self.target_shape is not None:
-            out.update(source=self.source.to_dict(), target=self.target_shape.to_dict(),
-                       pruning_modules=list(self.pruning_modules))
+            shape.update(source=self.source.to_dict(), target=self.target_shape.to_dict(),
+                         pruning_modules=list(self.pruning_modules))
+        out['shape'] = json.dumps(shape, default=float)
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if 'shape' in state:  # else a checkpoint of an earlier version, with these keys at the top
+            state = {**state, **json.loads(state['shape'])}
         self._initialized = self._initialized or bool(state.get('initialized', False))
         saved_max = state.get('log_alpha_max', LOG_ALPHA_MAX)
         if abs(saved_max - self.log_alpha_max) > 1e-9:

@@ -1,6 +1,7 @@
 """`composer -n 2`: pruning with dynamic loading (2 persistent workers per rank) and per-domain eval. Both ranks
-hold identical weights after every update, and they follow the rule applied to the logged per-domain losses; the
-same data read from an S3-compatible store gives the same run."""
+hold identical weights after every update, and they follow the rule applied to the logged per-domain losses. The
+same run on two nodes reading its data from an S3-compatible store is the same run, and a run continues on another
+world size."""
 
 import json
 import os
@@ -18,12 +19,23 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent  # the launcher runs `python -m tests.common.train_dynamic` from here
 
 
-def launch(out, *args, env=None):
-    cmd = [str(Path(sys.executable).with_name('composer')), '-n', '2', '-m', 'tests.common.train_dynamic', str(out),
-           *args]
+COMPOSER = str(Path(sys.executable).with_name('composer'))
+MODULE = ['-m', 'tests.common.train_dynamic']
+# FSDP2 with sharded checkpoints and shear_distill; the same mask noise on every rank (the method draws it per rank:
+# on another world size a continued run would draw other masks, see test_a_run_continues_on_another_world_size)
+FSDP = ('fsdp', 'sharded', 'distill', 'shared_noise')
+FSDP_ENV = {'FSDP_VERSION': '2'}
+
+
+def launch(out, *args, env=None, nproc=2):
+    cmd = [COMPOSER, '-n', str(nproc), *MODULE, str(out), *args]
     res = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600,
                          cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+
+
+def read(out, name, rank):
+    return json.loads((out / f'{name}-rank{rank}.json').read_text())
 
 
 @pytest.fixture(scope='module')
@@ -33,13 +45,18 @@ def ddp_run(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope='module')
+def fsdp_run(tmp_path_factory):
+    """FSDP2, sharded checkpoints, distillation: the one-node run the two-node and world-size tests compare with."""
+    out = tmp_path_factory.mktemp('fsdp')
+    launch(out, *FSDP, env=FSDP_ENV)
+    return out
+
+
 @pytest.mark.parametrize('mode', ['ddp', 'fsdp2'])
-def test_weights_identical_on_ranks_and_follow_the_rule(ddp_run, tmp_path, mode):
-    if mode == 'fsdp2':
-        launch(tmp_path, 'fsdp', env={'FSDP_VERSION': '2'})
-    else:
-        tmp_path = ddp_run
-    h0, h1 = (json.loads((tmp_path / f'history-rank{r}.json').read_text()) for r in (0, 1))
+def test_weights_identical_on_ranks_and_follow_the_rule(ddp_run, fsdp_run, mode):
+    out = fsdp_run if mode == 'fsdp2' else ddp_run
+    h0, h1 = (read(out, 'history', r) for r in (0, 1))
     assert h0 == h1 and len(h0) == 4
     weights = np.array([0.6, 0.3, 0.1])
     for step in h0:
@@ -48,7 +65,8 @@ def test_weights_identical_on_ranks_and_follow_the_rule(ddp_run, tmp_path, mode)
     assert abs(weights[0] - 0.6) > 0.05  # the mix moved
 
 
-@pytest.mark.parametrize('checkpoint', ['ep1-ba7', 'ep2-ba10'])  # mid-interval; interval boundary (after eval)
+# mid-interval (resuming at an interval boundary: test_a_run_continues_on_another_world_size)
+@pytest.mark.parametrize('checkpoint', ['ep1-ba7'])
 def test_resume_gives_the_uninterrupted_run(ddp_run, checkpoint):
     """Batches, per-domain eval losses and domain weights after resuming equal the uninterrupted run's."""
     launch(ddp_run, f'resume={ddp_run / "ckpt" / (checkpoint + "-rank0.pt")}')
@@ -61,19 +79,100 @@ def test_resume_gives_the_uninterrupted_run(ddp_run, checkpoint):
         assert again and all(batches[k] == v for k, v in again.items())
 
 
-def test_data_in_s3_gives_the_local_run(ddp_run, tmp_path):
-    """`dynamic_text` and `domain_eval` with `remote: s3://...` (a prepare-data build prefix named by its manifest),
-    cached locally on 2 ranks: the batches, per-domain losses and domain weights of the run from local data."""
+def close(a, b, rtol):
+    """Nested JSON values equal, floats within `rtol` (the sums of another world size round differently)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k], rtol) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(close(x, y, rtol) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float):
+        return abs(a - b) <= rtol * max(abs(a), abs(b), 1e-3)
+    return a == b
+
+
+NODES_EVAL_RTOL = 1e-5  # measured: 1.0e-6 (a float32 ulp of the losses, carried into the weights)
+
+
+def test_two_nodes_reading_s3_give_the_one_node_run(fsdp_run, tmp_path):
+    """Two `composer` launchers of one process each (`--world_size 2 --nproc 1 --node_rank 0|1`, as two hosts, each
+    with its own folders and cache), FSDP2 with distillation, reading `remote: s3://...` (a prepare-data build prefix
+    named by its manifest): the batches, per-step losses, masks and multipliers of the one-node run from local data,
+    bit for bit. The per-domain eval losses and domain weights match to NODES_EVAL_RTOL: streaming deals the eval
+    samples out by node, so each rank sums other samples. The one-node run's sharded
+    checkpoint, put in the store, exports from there as from disk."""
+    import torch
+
     from composer_shear._remote import upload_file, upload_tree
     from composer_shear.data.prepare import FORMAT, MANIFEST
-    from tests.common.s3 import BUCKET, s3_store
+    from composer_shear.export import export_checkpoint
+    from tests.common.s3 import BUCKET, free_port, s3_store
+    port = str(free_port())
     with s3_store():
-        upload_tree(ddp_run / 'data', f's3://{BUCKET}/dyn/build-1', progress=False)
+        upload_tree(fsdp_run / 'data', f's3://{BUCKET}/dyn/build-1', progress=False)
         (tmp_path / MANIFEST).write_text(json.dumps({'format': FORMAT, 'data': 'build-1'}))
         upload_file(tmp_path / MANIFEST, f's3://{BUCKET}/dyn/{MANIFEST}')
-        launch(tmp_path / 'run', f'remote=s3://{BUCKET}/dyn')
-    assert list((tmp_path / 'run' / 'cache' / 'build-1' / 'train' / 'beta').glob('*.mds'))
+        procs = [subprocess.Popen([COMPOSER, '--world_size', '2', '--nproc', '1', '--node_rank', str(n),
+                                   '--master_addr', '127.0.0.1', '--master_port', port, *MODULE,
+                                   str(tmp_path / f'node{n}'), *FSDP, f'remote=s3://{BUCKET}/dyn'],
+                                  env={**os.environ, **FSDP_ENV}, cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+        outs = [p.communicate(timeout=600) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [o[0][-2000:] + o[1][-3000:] for o in outs]
+        # a sharded checkpoint exports from the store as from disk
+        upload_tree(fsdp_run / 'ckpt' / 'ep2-ba10', f's3://{BUCKET}/ckpt/ep2-ba10', progress=False)
+        export_checkpoint(f's3://{BUCKET}/ckpt/ep2-ba10', tmp_path / 'remote-export', source=str(fsdp_run / 'model'))
+    export_checkpoint(fsdp_run / 'ckpt' / 'ep2-ba10', tmp_path / 'local-export', source=str(fsdp_run / 'model'))
+    for name in ('model.safetensors', 'config.json', 'shape_report.json'):
+        assert (tmp_path / 'remote-export' / name).read_bytes() == (tmp_path / 'local-export' / name).read_bytes()
     for r in (0, 1):
-        for name in ('history', 'history-batches'):
-            assert json.loads((tmp_path / 'run' / f'{name}-rank{r}.json').read_text()) == \
-                json.loads((ddp_run / f'{name}-rank{r}.json').read_text())
+        node = tmp_path / f'node{r}'  # global rank r ran on node r
+        assert list((node / 'cache' / 'build-1' / 'train' / 'beta').glob('*.mds'))
+        assert not (tmp_path / f'node{1 - r}' / f'history-rank{r}.json').exists()
+        assert read(node, 'history-batches', r) == read(fsdp_run, 'history-batches', r)
+        assert close(read(node, 'history', r), read(fsdp_run, 'history', r), NODES_EVAL_RTOL)
+        here, there = (torch.load(out / f'history-masks-rank{r}.pt') for out in (node, fsdp_run))
+        assert all(torch.equal(here['log_alpha'][k], there['log_alpha'][k]) for k in there['log_alpha'])
+        assert torch.equal(here['lambdas'], there['lambdas'])
+
+
+LOSS_RTOL = 1e-4  # measured: 6.6e-6 on the step losses, 1.1e-6 on eval losses and weights (fp32, CPU)
+MASK_ATOL = 1e-4  # measured: 1.7e-6
+
+
+def test_a_run_continues_on_another_world_size(fsdp_run):
+    """The FSDP2 run with distillation, checkpointed sharded mid-interval on 2 ranks, resumes on 1 rank (same global
+    batch); that run's checkpoint at an interval boundary resumes on 2 ranks again. Both continue the 2-rank run:
+    every step reads the same samples (on 1 rank, the two ranks' batches interleaved), the losses are the mean of
+    the two ranks' losses, and the per-domain eval losses, domain weights, masks and multipliers match (the sums
+    of another world size round differently: tolerances above). The mask noise is the same on every rank here
+    (`SharedNoisePruning`): the method draws it per rank, so a run continued on another world size draws other
+    masks than the uninterrupted run and is a different (equally valid) run; with one noise for all ranks, the
+    state carried over (weights, Adam moments, masks, multipliers, the Lagrangian schedule, domain weights,
+    cursors) shows in every number."""
+    import torch
+    on1 = fsdp_run / 'ckpt-on1'
+    launch(fsdp_run, *FSDP, f'resume={fsdp_run / "ckpt" / "ep1-ba7"}', 'tag=on1', f'save={on1}', env=FSDP_ENV,
+           nproc=1)
+    launch(fsdp_run, *FSDP, f'resume={on1 / "ep2-ba10"}', 'tag=on2', env=FSDP_ENV)
+    full = [read(fsdp_run, 'history-batches', r) for r in (0, 1)]
+    history = read(fsdp_run, 'history', 0)
+    one = read(fsdp_run, 'on1-batches', 0)
+    steps = [int(k) for k in one if k.isdigit()]
+    assert sorted(steps) == list(range(7, 20))  # keyed by the batches done before the step
+    for k in steps:
+        assert one[str(k)] == [row for pair in zip(full[0][str(k)], full[1][str(k)], strict=True) for row in pair], k
+        mean = {name: (full[0][f'loss{k}'][name] + full[1][f'loss{k}'][name]) / 2 for name in full[0][f'loss{k}']}
+        assert close(one[f'loss{k}'], mean, LOSS_RTOL), (k, one[f'loss{k}'], mean)
+    assert close(read(fsdp_run, 'on1', 0), history, LOSS_RTOL)
+    for r in (0, 1):
+        two = read(fsdp_run, 'on2-batches', r)
+        assert sorted(int(k) for k in two if k.isdigit()) == list(range(10, 20))
+        assert all(two[str(k)] == full[r][str(k)] for k in range(10, 20))
+        assert all(close(two[f"loss{k}"], full[r][f"loss{k}"], LOSS_RTOL) for k in range(10, 20))
+        assert close(read(fsdp_run, 'on2', r), history, LOSS_RTOL)
+    final = torch.load(fsdp_run / 'history-masks-rank0.pt')
+    for name in ('on1', 'on2'):
+        masks = torch.load(fsdp_run / f'{name}-masks-rank0.pt')
+        for k, v in final['log_alpha'].items():
+            torch.testing.assert_close(masks['log_alpha'][k], v, rtol=0, atol=MASK_ATOL)
+        torch.testing.assert_close(masks['lambdas'], final['lambdas'], rtol=0, atol=MASK_ATOL)

@@ -232,15 +232,19 @@ def test_checkpoints_in_s3_resume_after_sigkill_and_export(tmp_path):
         cmd = [str(Path(sys.executable).with_name('composer')), '-n', '1', '-m', 'tests.common.train_tiny',
                str(tmp_path / 'killed'), *(f'{k}={json.dumps(v) if k == "autoresume" else v}' for k, v in args.items()),
                f'save_folder=s3://{BUCKET}/run', f'model_dir={tmp_path / "full" / "source"}']
-        proc = subprocess.Popen([*cmd, 'hold_at=7'], start_new_session=True, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, cwd=root)
+        log = open(tmp_path / 'killed.log', 'w')  # noqa: SIM115 (the killed run writes it until it dies)
+        proc = subprocess.Popen([*cmd, 'hold_at=7'], start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=root, env={**os.environ, 'TRAIN_TINY_LOG': 'INFO'})
         link, deadline = 'run/latest-rank0.pt.symlink', time.time() + 600
 
         def latest():
             return server.client().get_object(Bucket=BUCKET, Key=link)['Body'].read().decode() \
                 if link in server.keys('run/') else ''
         while latest() != 'run/ep0-ba6-rank0.pt':
-            assert proc.poll() is None and time.time() < deadline, 'the run ended before it could be killed'
+            if proc.poll() is not None or time.time() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)
+                pytest.fail(f'no step-6 link in the store ({sorted(server.keys("run/"))}):\n'
+                            + (tmp_path / 'killed.log').read_text()[-6000:])
             time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -53,7 +53,7 @@ def test_param_groups(trained):
     assert [g['initial_lr'] for g in groups] == [1e-3, 1.0, -1.0]
     assert [g['weight_decay'] for g in groups[1:]] == [0.0, 0.0]
     algo_state = dict(ckpt['state']['algorithms'])['ShearPruning']
-    assert algo_state['target']['hidden_size'] == 48
+    assert json.loads(algo_state['shape'])['target']['hidden_size'] == 48  # one JSON string: see state_dict
 
 
 def test_monitor_writes_mask_artifacts(trained):

@@ -307,10 +307,13 @@ class DynamicLoading(Callback):
                                                                                    strict=True)})
 
     def state_dict(self) -> dict[str, Any]:
-        """The weights and their update history (checkpointed)."""
-        return {'weights': self.weights.tolist(), 'history': self.history}
+        """The weights and their update history (checkpointed). The history is one JSON string: a sharded
+        checkpoint stores each entry of a nested list as its own key, and a run resumed with an empty history would
+        then ask for a key the checkpoint lacks."""
+        return {'weights': self.weights.tolist(), 'history': json.dumps(self.history)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the weights and history of `state_dict`."""
+        """Restore the weights and history of `state_dict` (a list: a checkpoint of an earlier version)."""
         self.weights = check_proportions(state['weights'], self.domains, 'checkpointed weights')
-        self.history = list(state.get('history', []))
+        history = state.get('history', [])
+        self.history = json.loads(history) if isinstance(history, str) else list(history)

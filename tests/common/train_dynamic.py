@@ -1,7 +1,14 @@
 """Pruning with dynamic batch loading and per-domain eval on a tiny model. Run with the launcher, from the
-repository root: `composer -n 2 -m tests.common.train_dynamic OUT_DIR [fsdp] [resume=CHECKPOINT] [remote=URI]` (FSDP2
-also needs FSDP_VERSION=2; `remote`: read the data from an object store holding `write_data`'s output, cached
-under OUT_DIR/cache)."""
+repository root: `composer -n 2 -m tests.common.train_dynamic OUT_DIR [fsdp] [sharded] [distill] [resume=CHECKPOINT]
+[tag=NAME] [save=FOLDER] [remote=URI]`.
+
+- `fsdp`: FSDP2 (also needs FSDP_VERSION=2); `sharded`: sharded checkpoints; `distill`: `shear_distill` from the
+  source model; `shared_noise`: the same mask noise on every rank (`SharedNoisePruning`).
+- The global batch is 8 on any number of ranks (4 per rank on 2), so a run can resume on another world size.
+- `resume`: a checkpoint to load; the outputs are then named `resumed-<its name>` or `tag`, and nothing is saved
+  unless `save` names a folder.
+- `remote`: read the data from an object store holding `write_data`'s output, cached under OUT_DIR/cache.
+"""
 
 import json
 import sys
@@ -21,6 +28,7 @@ from transformers import AutoTokenizer
 from composer_shear.algorithm import ShearPruning
 from composer_shear.data.callback import DynamicLoading
 from composer_shear.data.dynamic import build_dynamic_text_dataloader, domain_evaluators
+from composer_shear.distill import ShearDistill
 from composer_shear.testing import TARGET, save_tiny
 
 DOMAINS = ['alpha', 'beta', 'gamma']
@@ -40,12 +48,18 @@ def write_data(root):
 
 
 class RecordBatches(Callback):
+    """Per step: the first tokens of this rank's batch, a digest of the RNG state and the step's losses."""
+
     def __init__(self):
         self.batches = {}
 
     def after_dataloader(self, state, logger):
         self.batches[int(state.timestamp.batch)] = state.batch['input_ids'][:, :3].tolist()
         self.batches[f'rng{int(state.timestamp.batch)}'] = int(torch.random.get_rng_state().double().sum())
+
+    def after_train_batch(self, state, logger):
+        loss = state.loss if isinstance(state.loss, dict) else {'total': state.loss}
+        self.batches[f'loss{int(state.timestamp.batch)}'] = {k: float(v) for k, v in loss.items()}
 
 
 def save_when(state, event):
@@ -54,9 +68,53 @@ def save_when(state, event):
             or (event == Event.EPOCH_CHECKPOINT and int(state.timestamp.epoch) == 2))
 
 
-def run(out, fsdp=False, resume_from=None, remote=None):
+class SharedNoisePruning(ShearPruning):
+    """ShearPruning whose mask noise is the same on every rank (the method draws it per rank, as data-parallel
+    dropout does): a run continued on another world size then computes what the uninterrupted run computes, up to
+    the rounding of other sums, which is what a test of the state carried across a world-size change needs."""
+
+    def _noise(self, state):
+        key = [state.rank_zero_seed, 0, int(state.timestamp.batch), self._microbatch]
+        return torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1))
+
+
+def average_gradients_on_gloo() -> None:
+    """torch 2.7's FSDP2 reduce-scatters fp32 gradients with ReduceOp.AVG, which gloo sums (pytorch/pytorch#162338,
+    fixed in later releases): on CPU every FSDP2 gradient is world-size times the mean. Adam hides a constant scale,
+    so the runs agree with DDP step by step, but Adam moments saved on 2 ranks and continued on 1 do not. Here FSDP2
+    sums and then divides, as it does for low-precision gradients (and as NCCL's AVG does on GPUs)."""
+    from torch.distributed import get_backend
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives as collectives
+    factors = collectives._get_gradient_divide_factors
+
+    def divide_after_summing(group, all_reduce_group, reduce_dtype, device_type=''):
+        pre, post = factors(group, all_reduce_group, reduce_dtype, device_type)
+        if pre is None and get_backend(group) == 'gloo':
+            return 1.0, float(group.size() * (all_reduce_group.size() if all_reduce_group is not None else 1))
+        return pre, post
+
+    collectives._get_gradient_divide_factors = divide_after_summing
+
+
+def separate_shared_memory(node: int, nodes: int) -> None:
+    """Two "nodes" on one machine share /dev/shm, which separate hosts do not: the local leaders of both would
+    register the same streaming shared-memory prefix at once (streaming finds the first free prefix on every rank,
+    waits at a barrier, then creates it). Node n searches only the prefixes equal to n modulo the number of nodes,
+    as if it had a /dev/shm of its own."""
+    import itertools
+
+    from streaming.base.shared import prefix
+    prefix._each_prefix_int = lambda: (i for i in itertools.count() if i % nodes == node)
+
+
+def run(out, fsdp=False, resume_from=None, remote=None, sharded=False, distill=False, tag=None, save=None,
+        shared_noise=False):
     out = Path(out)
     dist.initialize_dist(DeviceCPU())
+    average_gradients_on_gloo()
+    nodes = dist.get_world_size() // dist.get_local_world_size()
+    if nodes > 1:
+        separate_shared_memory(dist.get_node_rank(), nodes)
     if dist.get_local_rank() == 0 and resume_from is None:
         save_tiny(out / 'model')
         if remote is None:
@@ -65,32 +123,41 @@ def run(out, fsdp=False, resume_from=None, remote=None):
     tok = AutoTokenizer.from_pretrained(out / 'model')
     model = ComposerHFCausalLM(tok, pretrained_model_name_or_path=str(out / 'model'), pretrained=True,
                                attn_implementation='sdpa', use_train_metrics=False)
-    batch = 4
+    global_batch = 8
+    batch = global_batch // dist.get_world_size()
     local = str(out / ('data' if remote is None else 'cache'))
     train = build_dynamic_text_dataloader(
         tok, batch, dict(local=local, remote=remote, domains=DOMAINS, proportions=[0.6, 0.3, 0.1],
-                         epoch_size=5 * batch * dist.get_world_size(), max_seq_len=SEQ), num_workers=2)
+                         epoch_size=5 * global_batch, max_seq_len=SEQ), num_workers=2)
     evals = domain_evaluators(local, DOMAINS, batch, SEQ, remote=remote)
     record = RecordBatches()
-    callback = DynamicLoading(DOMAINS, [0.6, 0.3, 0.1], dict(zip(DOMAINS, REFERENCE, strict=True)))
+    name = tag or ('history' if resume_from is None else 'resumed-' + Path(resume_from).name.split('-rank')[0])
+    callback = DynamicLoading(DOMAINS, [0.6, 0.3, 0.1], dict(zip(DOMAINS, REFERENCE, strict=True)),
+                              history_file=str(out / f'{name}-dynamic_loading.json'))
     trainer = Trainer(
         model=model, optimizers=DecoupledAdamW(model.parameters(), lr=1e-3, weight_decay=0.0),
         train_dataloader=train, eval_dataloader=evals, eval_interval='1ep', max_duration='4ep',
-        algorithms=[ShearPruning(target=TARGET, lagrangian_warmup='10ba')], callbacks=[callback, record],
+        algorithms=[(SharedNoisePruning if shared_noise else ShearPruning)(target=TARGET, lagrangian_warmup='10ba')]
+        + ([ShearDistill(teacher=str(out / 'model'), alpha=0.5, temperature=2.0)] if distill else []),
+        callbacks=[callback, record],
         device='cpu',
         precision='fp32', seed=17, progress_bar=False, log_to_console=False, device_train_microbatch_size=batch,
-        parallelism_config={'fsdp': {}} if fsdp else None, run_name='dyn',
-        save_folder=str(out / 'ckpt') if resume_from is None else None, save_interval=save_when,
-        load_path=resume_from)
+        parallelism_config={'fsdp': {'state_dict_type': 'sharded' if sharded else 'full'}} if fsdp else None,
+        run_name='dyn', save_folder=save or (str(out / 'ckpt') if resume_from is None else None),
+        save_interval=save_when, load_path=resume_from)
     trainer.fit()
     rank = dist.get_global_rank()
-    name = 'history' if resume_from is None else 'resumed-' + Path(resume_from).name.split('-rank')[0]
     (out / f'{name}-rank{rank}.json').write_text(json.dumps(callback.history))
     (out / f'{name}-batches-rank{rank}.json').write_text(json.dumps(record.batches))
+    with torch.no_grad():
+        snap = ShearPruning.masks(trainer.state).snapshot()
+    torch.save({'log_alpha': snap.log_alpha, 'lambdas': snap.lambdas}, out / f'{name}-masks-rank{rank}.pt')
     trainer.close()
 
 
 if __name__ == '__main__':
     args = sys.argv[2:]
     options = dict(a.split('=', 1) for a in args if '=' in a)
-    run(sys.argv[1], fsdp='fsdp' in args, resume_from=options.get('resume'), remote=options.get('remote'))
+    run(sys.argv[1], fsdp='fsdp' in args, resume_from=options.get('resume'), remote=options.get('remote'),
+        sharded='sharded' in args, distill='distill' in args, tag=options.get('tag'), save=options.get('save'),
+        shared_noise='shared_noise' in args)

@@ -26,6 +26,11 @@ from composer_shear.testing import TARGET, Tokens, loader, save_tiny
 
 __all__ = ['TARGET', 'LossLog', 'Tokens', 'loader', 'run']
 
+if os.environ.get('TRAIN_TINY_LOG'):  # also in Composer's spawned upload workers, which import this module
+    import logging
+    logging.basicConfig(level=os.environ['TRAIN_TINY_LOG'], format=f'%(asctime)s {os.getpid()} %(name)s: %(message)s')
+    logging.getLogger('botocore').setLevel(logging.WARNING)
+
 
 class HoldForUploads(Callback):
     """At the end of step `step`, stay until Composer's uploader has put every checkpoint and `latest` link saved
