@@ -277,11 +277,15 @@ class ShearPruning(Algorithm):
         """The run's mask module (or its FSDP wrapper)."""
         return getattr(unwrap(state.model), MASKS_ATTR)
 
+    def _noise_key(self, state: State) -> list[int]:
+        """What the mask noise is drawn from: the seed, this rank, the step and the microbatch."""
+        from composer.utils import dist
+        return [state.rank_zero_seed, dist.get_global_rank(), int(state.timestamp.batch), self._microbatch]
+
     def _noise(self, state: State) -> torch.Generator:
         """The mask noise of this rank, step and microbatch: a function of them alone (not of a global RNG
         stream), so a resumed run draws exactly the masks an uninterrupted run draws."""
-        from composer.utils import dist
-        key = [state.rank_zero_seed, dist.get_global_rank(), int(state.timestamp.batch), self._microbatch]
+        key = self._noise_key(state)
         return torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1))
 
     def _init_from_activations(self, state: State) -> None:

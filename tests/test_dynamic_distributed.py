@@ -71,11 +71,9 @@ def test_resume_gives_the_uninterrupted_run(ddp_run, checkpoint):
     """Batches, per-domain eval losses and domain weights after resuming equal the uninterrupted run's."""
     launch(ddp_run, f'resume={ddp_run / "ckpt" / (checkpoint + "-rank0.pt")}')
     for r in (0, 1):
-        full = json.loads((ddp_run / f'history-rank{r}.json').read_text())
-        resumed = json.loads((ddp_run / f'resumed-{checkpoint}-rank{r}.json').read_text())
-        assert resumed == full
-        batches = json.loads((ddp_run / f'history-batches-rank{r}.json').read_text())
-        again = json.loads((ddp_run / f'resumed-{checkpoint}-batches-rank{r}.json').read_text())
+        assert read(ddp_run, f'resumed-{checkpoint}', r) == read(ddp_run, 'history', r)
+        batches = read(ddp_run, 'history-batches', r)
+        again = read(ddp_run, f'resumed-{checkpoint}-batches', r)
         assert again and all(batches[k] == v for k, v in again.items())
 
 

@@ -248,6 +248,7 @@ def test_checkpoints_in_s3_resume_after_sigkill_and_export(tmp_path):
             time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        log.close()
         assert not (tmp_path / 'killed' / 'masks-rank0.pt').exists()  # it died mid-run
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
         assert res.returncode == 0, res.stderr[-5000:]

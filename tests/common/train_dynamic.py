@@ -73,9 +73,9 @@ class SharedNoisePruning(ShearPruning):
     dropout does): a run continued on another world size then computes what the uninterrupted run computes, up to
     the rounding of other sums, which is what a test of the state carried across a world-size change needs."""
 
-    def _noise(self, state):
-        key = [state.rank_zero_seed, 0, int(state.timestamp.batch), self._microbatch]
-        return torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1))
+    def _noise_key(self, state):
+        seed, _rank, batch, microbatch = super()._noise_key(state)
+        return [seed, 0, batch, microbatch]
 
 
 def average_gradients_on_gloo() -> None:
