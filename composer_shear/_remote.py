@@ -29,7 +29,7 @@ def is_remote(path: str | os.PathLike) -> bool:
 
 
 def join(uri: str, *parts: str) -> str:
-    return '/'.join([uri.rstrip('/'), *(p.strip('/') for p in parts)])
+    return '/'.join([uri.rstrip('/'), *(p.strip('/') for p in parts if p.strip('/'))])
 
 
 def _store(uri: str) -> tuple[Any, str]:

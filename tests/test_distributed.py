@@ -91,45 +91,65 @@ def test_fsdp2_bf16_masks_select_in_fp32_and_both_checkpoints_export_the_masked_
 DEAD_RANK_EXIT_S = 60  # the launcher sees the dead rank within 0.1 s, then gives the others up to 30 s
 
 
-def test_a_dead_rank_ends_the_job_and_autoresume_is_bit_exact(tmp_path):
+def test_a_dead_rank_ends_the_job_and_autoresume_from_the_store_is_bit_exact(tmp_path):
     """A 2-rank pruning run with distillation (the teacher reloaded from its folder on restart, not from the
-    checkpoint) and masks initialised from the first batch's activations (not recomputed on restart): one rank is
-    killed with SIGKILL mid-run, the job ends with a non-zero exit within DEAD_RANK_EXIT_S (no hang), and the run
-    restarted with autoresume ends with exactly the losses, masks and multipliers of an uninterrupted run (fp32,
-    CPU); both ranks hold the same masks and multipliers (the activation statistics are all-reduced), and the DDP
-    checkpoint exports."""
+    checkpoint) and masks initialised from the first batch's activations (not recomputed on restart) saves to
+    `save_folder: s3://...` (a real S3-compatible store) with autoresume. Once the store holds its step-6 checkpoint
+    and `latest` link, one rank is killed with SIGKILL: the job ends with a non-zero exit within DEAD_RANK_EXIT_S
+    (no hang). The same command started in another working directory (a new machine: no local checkpoint) resumes
+    from the store and ends with exactly the losses, masks and multipliers of an uninterrupted run (fp32, CPU);
+    both ranks hold the same masks and multipliers (the activation statistics are all-reduced), and
+    its export through the store's `latest-rank0.pt.symlink` is the uninterrupted run's export, byte for byte."""
     import json
     import signal
     import time
 
     import psutil
-    args = ['steps=14', 'save_interval=2ba', 'eval_interval=7ba', 'warmup=6ba', 'autoresume=true',
+
+    from composer_shear.export import export_checkpoint
+    from tests.common.s3 import BUCKET, s3_store
+    # few checkpoints: each upload may start another of Composer's spawned workers, each importing composer (~17 s)
+    args = ['steps=14', 'save_interval=6ba', 'eval_interval=7ba', 'warmup=6ba', 'autoresume=true',
             'distill={"alpha": 0.5, "temperature": 2.0}', 'init={"from": "activations"}']
     launch(tmp_path / 'full', {}, *args)
     composer = Path(sys.executable).with_name('composer')
-    cmd = [str(composer), '-n', '2', *MODULE, str(tmp_path / 'killed'), *args]
-    proc = subprocess.Popen([*cmd, 'sleep=0.5'], start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=ROOT)
-    deadline = time.time() + 600
-    latest = tmp_path / 'killed' / 'ckpt' / 'latest-rank0.pt'
-    # kill once the ba6 checkpoint is complete (Composer moves the `latest` link after writing it): a checkpoint
-    # killed half-written is left as a partial file that Composer refuses to overwrite on autoresume
-    while not (latest.is_symlink() and os.readlink(latest) == 'ep0-ba6-rank0.pt'):
-        assert proc.poll() is None and time.time() < deadline, 'the run ended before it could be killed'
-        time.sleep(0.1)
-    rank1 = next(p for p in psutil.Process(proc.pid).children() if p.environ().get('RANK') == '1')
-    rank1.send_signal(signal.SIGKILL)
-    killed = time.time()
-    try:
-        code = proc.wait(timeout=DEAD_RANK_EXIT_S)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert code != 0, 'the job with a dead rank exited 0'
-    print(f'the job ended {time.time() - killed:.1f} s after its rank 1 was killed')
-    assert not (tmp_path / 'killed' / 'masks-rank0.pt').exists()  # it really died mid-run
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-5000:]
+    cmd = [str(composer), '-n', '2', *MODULE, str(tmp_path / 'killed'), *args, f'save_folder=s3://{BUCKET}/run',
+           f'model_dir={tmp_path / "full" / "source"}']
+    # Composer stages a save_folder URI's checkpoints in ./s3:/... : each "machine" has its own working directory
+    for node in ('node-a', 'node-b'):
+        (tmp_path / node).mkdir()
+    with s3_store() as server:
+        env = {**os.environ, 'PYTHONPATH': str(ROOT), 'TRAIN_TINY_LOG': 'INFO'}  # with the store's settings
+        with open(tmp_path / 'killed.log', 'w') as log:
+            # hold at step 7 until the uploads are done (Composer's upload workers are spawned processes that
+            # may start after a short run would have ended), then wait to be killed
+            proc = subprocess.Popen([*cmd, 'hold_at=7'], start_new_session=True, stdout=log, stderr=log,
+                                    cwd=tmp_path / 'node-a', env=env)
+            link, deadline = 'run/latest-rank0.pt.symlink', time.time() + 600
+
+            def latest():
+                return server.read(link).decode() if link in server.keys('run/') else ''
+            while latest() != 'run/ep0-ba6-rank0.pt':
+                if proc.poll() is not None or time.time() > deadline:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    pytest.fail(f'no step-6 link in the store ({server.keys("run/")}):\n'
+                                + (tmp_path / 'killed.log').read_text()[-6000:])
+                time.sleep(0.2)
+            rank1 = next(p for p in psutil.Process(proc.pid).children() if p.environ().get('RANK') == '1')
+            rank1.send_signal(signal.SIGKILL)
+            killed = time.time()
+            try:
+                code = proc.wait(timeout=DEAD_RANK_EXIT_S)
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        assert code != 0, 'the job with a dead rank exited 0'
+        print(f'the job ended {time.time() - killed:.1f} s after its rank 1 was killed')
+        assert not (tmp_path / 'killed' / 'masks-rank0.pt').exists()  # it really died mid-run
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path / 'node-b', env=env)
+        assert res.returncode == 0, res.stderr[-5000:]
+        assert not list((tmp_path / 'node-b').rglob('ep0-ba6-rank0.pt'))  # nothing old there: read from the store
+        export_checkpoint(f's3://{BUCKET}/{link}', tmp_path / 'remote-export')
     for r in (0, 1):
         full = torch.load(tmp_path / 'full' / f'masks-rank{r}.pt')
         resumed = torch.load(tmp_path / 'killed' / f'masks-rank{r}.pt')
@@ -138,11 +158,13 @@ def test_a_dead_rank_ends_the_job_and_autoresume_is_bit_exact(tmp_path):
         assert torch.equal(full['lambdas'], resumed['lambdas'])
         before = json.loads((tmp_path / 'full' / f'losses-rank{r}.json').read_text())
         after = json.loads((tmp_path / 'killed' / f'losses-rank{r}.json').read_text())
-        assert after and min(map(int, after)) >= 6  # the restart began at a checkpoint, not from scratch
+        assert after and min(map(int, after)) == 6  # the restart began at the checkpoint, not from scratch
         assert all(before[k] == v for k, v in after.items())
         assert all(v['kd'] > 0 for v in after.values())
     same_on_both_ranks(tmp_path / 'full')
-    export(tmp_path / 'full' / 'ckpt' / 'latest-rank0.pt', tmp_path / 'export')
+    export_checkpoint(tmp_path / 'full' / 'ckpt' / 'latest-rank0.pt', tmp_path / 'local-export')
+    for name in ('model.safetensors', 'config.json', 'shape_report.json'):
+        assert (tmp_path / 'remote-export' / name).read_bytes() == (tmp_path / 'local-export' / name).read_bytes()
 
 
 @pytest.mark.parametrize('kind', ['ddp', 'fsdp2'])

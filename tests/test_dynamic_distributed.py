@@ -1,7 +1,7 @@
 """`composer -n 2`: pruning with dynamic loading (2 persistent workers per rank) and per-domain eval. Both ranks
 hold identical weights after every update, and they follow the rule applied to the logged per-domain losses. The
 same run on two nodes reading its data from an S3-compatible store is the same run, and a run continues on another
-world size."""
+world size and after it lost the store."""
 
 import json
 import os
@@ -27,11 +27,12 @@ FSDP = ('fsdp', 'sharded', 'distill', 'shared_noise')
 FSDP_ENV = {'FSDP_VERSION': '2'}
 
 
-def launch(out, *args, env=None, nproc=2):
+def launch(out, *args, env=None, nproc=2, check=True):
     cmd = [COMPOSER, '-n', str(nproc), *MODULE, str(out), *args]
     res = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600,
                          cwd=ROOT)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert res.returncode == 0 or not check, res.stdout[-3000:] + res.stderr[-5000:]
+    return res
 
 
 def read(out, name, rank):
@@ -137,31 +138,53 @@ LOSS_RTOL = 1e-4  # measured: 6.6e-6 on the step losses, 1.1e-6 on eval losses a
 MASK_ATOL = 1e-4  # measured: 1.7e-6
 
 
-def test_a_run_continues_on_another_world_size(fsdp_run):
+def test_a_run_continues_on_another_world_size_and_after_losing_the_store(fsdp_run, tmp_path):
     """The FSDP2 run with distillation, checkpointed sharded mid-interval on 2 ranks, resumes on 1 rank (same global
-    batch); that run's checkpoint at an interval boundary resumes on 2 ranks again. Both continue the 2-rank run:
-    every step reads the same samples (on 1 rank, the two ranks' batches interleaved), the losses are the mean of
-    the two ranks' losses, and the per-domain eval losses, domain weights, masks and multipliers match (the sums
+    batch); that run's checkpoint at an interval boundary resumes on 1 rank and on 2 ranks. All continue the 2-rank
+    run: every step reads the same samples (on 1 rank, the two ranks' batches interleaved), the losses are the mean
+    of the two ranks' losses, and the per-domain eval losses, domain weights, masks and multipliers match (the sums
     of another world size round differently: tolerances above). The mask noise is the same on every rank here
     (`SharedNoisePruning`): the method draws it per rank, so a run continued on another world size draws other
     masks than the uninterrupted run and is a different (equally valid) run; with one noise for all ranks, the
     state carried over (weights, Adam moments, masks, multipliers, the Lagrangian schedule, domain weights,
-    cursors) shows in every number."""
+    cursors) shows in every number.
+
+    The 1-rank runs read the data from the store (a shard every 10 samples, so every interval downloads new ones),
+    and the store's server stops when the first one starts its third interval. That run fails on the first shard
+    it cannot download with one error line naming the object (torch's DataLoader worker traceback is not repeated
+    in it), and no file of its cache or checkpoints is deleted. With the store back, the rerun from its last
+    checkpoint (on local disk) reads the same cache and continues as a run that never lost the store does."""
+    import re
+
     import torch
-    on1 = fsdp_run / 'ckpt-on1'
-    launch(fsdp_run, *FSDP, f'resume={fsdp_run / "ckpt" / "ep1-ba7"}', 'tag=on1', f'save={on1}', env=FSDP_ENV,
-           nproc=1)
+
+    from composer_shear._remote import upload_tree
+    from tests.common.s3 import BUCKET, s3_store
+    from tests.common.train_dynamic import write_data
+    write_data(tmp_path / 'data', shard_bytes=800)
+    uri, on1 = f's3://{BUCKET}/small', fsdp_run / 'ckpt-on1'
+    with s3_store() as server:
+        upload_tree(tmp_path / 'data', uri, progress=False)
+        res = launch(fsdp_run, *FSDP, f'resume={fsdp_run / "ckpt" / "ep1-ba7"}', 'tag=lost', f'save={on1}',
+                     f'remote={uri}', f'stop_store={server.proc.pid}', env=FSDP_ENV, nproc=1, check=False)
+        assert res.returncode != 0 and server.proc.poll() is not None, res.stderr[-5000:]
+        errors = re.findall(r'^(?:\[rank0\]: )?composer_shear\._remote\.RemoteError: (.*)$', res.stderr, re.M)
+        assert len(errors) == 1 and res.stderr.count('Traceback (most recent call last)') == 1, res.stderr[-8000:]
+        assert re.fullmatch(re.escape(uri) + r'/train/(alpha|beta|gamma)/shard\.\d{5}\.mds: cannot download '
+                            r'\(Could not connect to the endpoint URL: .*\)', errors[0]), errors[0]
+        assert_continues_on_one_rank(fsdp_run, 'lost', range(7, 10), final=False)  # then it stopped
+        kept = json.loads((fsdp_run / 'lost-files.json').read_text())
+        assert any('/cache/' in f for f in kept) and any('ep2-ba10' in f for f in kept)
+        assert all(os.path.getsize(f) == size for f, size in kept.items())
+        server.stop()
+        server.start()  # the store is back (moto keeps nothing: publish the data again)
+        server.client().create_bucket(Bucket=BUCKET)
+        upload_tree(tmp_path / 'data', uri, progress=False)
+        launch(fsdp_run, *FSDP, f'resume={on1 / "ep2-ba10"}', 'tag=on1', f'remote={uri}', env=FSDP_ENV, nproc=1)
     launch(fsdp_run, *FSDP, f'resume={on1 / "ep2-ba10"}', 'tag=on2', env=FSDP_ENV)
+    assert_continues_on_one_rank(fsdp_run, 'on1', range(10, 20))
     full = [read(fsdp_run, 'history-batches', r) for r in (0, 1)]
     history = read(fsdp_run, 'history', 0)
-    one = read(fsdp_run, 'on1-batches', 0)
-    steps = [int(k) for k in one if k.isdigit()]
-    assert sorted(steps) == list(range(7, 20))  # keyed by the batches done before the step
-    for k in steps:
-        assert one[str(k)] == [row for pair in zip(full[0][str(k)], full[1][str(k)], strict=True) for row in pair], k
-        mean = {name: (full[0][f'loss{k}'][name] + full[1][f'loss{k}'][name]) / 2 for name in full[0][f'loss{k}']}
-        assert close(one[f'loss{k}'], mean, LOSS_RTOL), (k, one[f'loss{k}'], mean)
-    assert close(read(fsdp_run, 'on1', 0), history, LOSS_RTOL)
     for r in (0, 1):
         two = read(fsdp_run, 'on2-batches', r)
         assert sorted(int(k) for k in two if k.isdigit()) == list(range(10, 20))
@@ -174,3 +197,18 @@ def test_a_run_continues_on_another_world_size(fsdp_run):
         for k, v in final['log_alpha'].items():
             torch.testing.assert_close(masks['log_alpha'][k], v, rtol=0, atol=MASK_ATOL)
         torch.testing.assert_close(masks['lambdas'], final['lambdas'], rtol=0, atol=MASK_ATOL)
+
+
+def assert_continues_on_one_rank(fsdp_run, name, steps, final=True):
+    """The 1-rank run `name` read, at each of `steps` (the batches done before the step), the samples of both ranks
+    of the 2-rank run, interleaved, and its losses are their mean; `final`: it also ended with the 2-rank run's
+    eval losses and domain weights."""
+    full = [read(fsdp_run, 'history-batches', r) for r in (0, 1)]
+    one = read(fsdp_run, f'{name}-batches', 0)
+    assert sorted(int(k) for k in one if k.isdigit()) == list(steps)
+    for k in steps:
+        assert one[str(k)] == [row for pair in zip(full[0][str(k)], full[1][str(k)], strict=True) for row in pair], k
+        mean = {n: (full[0][f'loss{k}'][n] + full[1][f'loss{k}'][n]) / 2 for n in full[0][f'loss{k}']}
+        assert close(one[f'loss{k}'], mean, LOSS_RTOL), (k, one[f'loss{k}'], mean)
+    if final:
+        assert close(read(fsdp_run, name, 0), read(fsdp_run, 'history', 0), LOSS_RTOL)

@@ -25,7 +25,7 @@ from numpy.typing import ArrayLike
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from composer_shear._io import write_text
-from composer_shear._remote import join
+from composer_shear._remote import RemoteError, join
 from composer_shear.data.plan import Cursor, Plan, interval_samples, make_plan, worker_slice
 from composer_shear.data.prepare import SHARD_HASH, data_location, file_hash, published_build
 from composer_shear.data.weights import check_proportions
@@ -96,6 +96,82 @@ class LocalDomains:
     def get_item(self, sample_id: int) -> dict:
         shard_id, index = self.spanner[sample_id]
         return self.shards[shard_id][index]
+
+
+def shard_object(store: Any, shard_id: int) -> tuple[str | None, Path]:
+    """The object a shard of a (remote) StreamingDataset is read from, None for local data, and its local file."""
+    reader = store.shards[shard_id]
+    local = Path(reader.dirname, reader.split, reader.raw_data.basename)
+    streams = getattr(store, 'streams', None)
+    remote = streams[store.stream_per_shard[shard_id]].remote if streams else None
+    return (None if remote is None else join(remote, reader.split, reader.raw_data.basename)), local
+
+
+def fetch(store: Any, sample_id: int) -> dict:
+    """`store.get_item(sample_id)`; a shard that cannot be downloaded is one `RemoteError` naming its object,
+    not streaming's retry traceback."""
+    try:
+        return store.get_item(sample_id)
+    except Exception as e:
+        shard_id = store.spanner[sample_id][0]
+        uri, local = shard_object(store, shard_id)
+        if uri is None or local.exists():  # not a download that failed
+            raise
+        _download_failed(store, shard_id)
+        raise RemoteError(f'{uri}: cannot download ({_first_line(e)})') from None
+
+
+def _download_failed(store: Any, shard_id: int) -> None:
+    """Mark a shard whose download failed as not downloaded. streaming 0.12 leaves it marked as being downloaded,
+    and another worker waiting for it would wait forever: the DataLoader, which hands batches out in order, then
+    waits for that worker and never sees the error (the run hangs instead of failing)."""
+    from streaming.base.dataset import _ShardState
+    states = getattr(store, '_shard_states', None)
+    if states is not None and states[shard_id] == _ShardState.PREPARING:
+        states[shard_id] = _ShardState.REMOTE
+
+
+def prefetch(store: Any) -> None:
+    """Download every shard of a (small, remote) StreamingDataset now: an eval split is read at every eval, so a
+    store that is out of reach fails the run when it starts, not at its first eval."""
+    for shard_id in range(store.num_shards):
+        try:
+            store.prepare_shard(shard_id)
+        except Exception as e:
+            uri, _ = shard_object(store, shard_id)
+            _download_failed(store, shard_id)
+            raise RemoteError(f'{uri}: cannot download ({_first_line(e)})') from None
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+
+
+class OneLineErrors:
+    """A DataLoader iterator whose worker errors from this module come out as they were raised in the worker
+    (one line naming the object or file), not wrapped with the worker's traceback (torch's `Caught ... in
+    DataLoader worker process N. Original Traceback ...`)."""
+
+    def __init__(self, iterator: Iterator) -> None:
+        self.iterator = iterator
+
+    def __iter__(self) -> OneLineErrors:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self.iterator)
+        except (RemoteError, ValueError) as e:
+            text = str(e)
+            if not (text.startswith('Caught ') and '\nOriginal Traceback' in text):
+                raise
+            kind, _, message = text.rstrip().splitlines()[-1].partition(': ')
+            if not (kind.endswith('RemoteError') or message.startswith('dynamic_text: ')):
+                raise
+            raise type(e)(message) from None
+
+    def __len__(self) -> int:
+        return len(self.iterator)
 
 
 class DynamicStreamingDataset(IterableDataset):
@@ -266,7 +342,7 @@ class DynamicStreamingDataset(IterableDataset):
             yield self.sample(int(d), int(i))
 
     def sample(self, domain: int, index: int) -> dict:
-        tokens = self.store.get_item(self.offsets[domain] + index)['tokens']
+        tokens = fetch(self.store, self.offsets[domain] + index)['tokens']
         self._check_shard(self.offsets[domain] + index)
         ids = torch.from_numpy(np.asarray(tokens[:self.max_seq_len]).astype(np.int64))
         return {'input_ids': ids, 'domain': domain}
@@ -279,10 +355,15 @@ class DynamicStreamingDataset(IterableDataset):
             return
         reader = self.store.shards[shard_id]  # the global shard list (of all domains) in both stores
         expected = (reader.raw_data.hashes or {}).get(SHARD_HASH)
-        path = Path(reader.dirname, reader.split, reader.raw_data.basename)
+        uri, path = shard_object(self.store, shard_id)
         if expected is not None and file_hash(path, SHARD_HASH) != expected:
-            raise ValueError(f'dynamic_text: shard {path} is corrupt ({SHARD_HASH} differs from its index.json; '
-                             'run composer-shear verify-data, then prepare-data --overwrite)')
+            if uri is None:
+                raise ValueError(f'dynamic_text: shard {path} is corrupt ({SHARD_HASH} differs from its index.json; '
+                                 'run composer-shear verify-data, then prepare-data --overwrite)')
+            path.unlink(missing_ok=True)  # only a cached copy: the next run downloads it again
+            raise ValueError(f'dynamic_text: shard {uri} is corrupt ({SHARD_HASH} of the downloaded copy differs '
+                             f'from its index.json; the copy was removed from the cache; run composer-shear '
+                             f'verify-data on the store)')
         self._checked_shards.add(shard_id)
 
 
@@ -305,7 +386,7 @@ class DynamicLoader(DataLoader):
 
     def __iter__(self) -> Iterator[dict]:
         self.dataset.start_interval()
-        return super().__iter__()
+        return OneLineErrors(super().__iter__())
 
 
 def build_dynamic_text_dataloader(tokenizer: Any, device_batch_size: int, dataset: dict, drop_last: bool = True,
@@ -369,6 +450,8 @@ class DomainEvalSet(IterableDataset):
             check_local_split(folder, domain)
         self.store = StreamingDataset(local=folder, remote=None if remote is None else join(remote, 'eval', domain),
                                       batch_size=batch_size, shuffle=False)
+        if remote is not None:
+            prefetch(self.store)
         self.max_seq_len, self.domain_id = max_seq_len, domain_id
 
     def __len__(self) -> int:

@@ -53,6 +53,9 @@ class Server:
         import boto3
         return boto3.client('s3', endpoint_url=self.url)
 
+    def read(self, key: str) -> bytes:
+        return self.client().get_object(Bucket=BUCKET, Key=key)['Body'].read()
+
     def keys(self, prefix: str = '') -> list[str]:
         pages = self.client().get_paginator('list_objects_v2').paginate(Bucket=BUCKET, Prefix=prefix)
         return sorted(o['Key'] for page in pages for o in page.get('Contents', []))

@@ -1,6 +1,6 @@
 """Pruning with dynamic batch loading and per-domain eval on a tiny model. Run with the launcher, from the
 repository root: `composer -n 2 -m tests.common.train_dynamic OUT_DIR [fsdp] [sharded] [distill] [resume=CHECKPOINT]
-[tag=NAME] [save=FOLDER] [remote=URI]`.
+[tag=NAME] [save=FOLDER] [remote=URI] [stop_store=PID]`.
 
 - `fsdp`: FSDP2 (also needs FSDP_VERSION=2); `sharded`: sharded checkpoints; `distill`: `shear_distill` from the
   source model; `shared_noise`: the same mask noise on every rank (`SharedNoisePruning`).
@@ -8,6 +8,8 @@ repository root: `composer -n 2 -m tests.common.train_dynamic OUT_DIR [fsdp] [sh
 - `resume`: a checkpoint to load; the outputs are then named `resumed-<its name>` or `tag`, and nothing is saved
   unless `save` names a folder.
 - `remote`: read the data from an object store holding `write_data`'s output, cached under OUT_DIR/cache.
+- `stop_store`: stop the store's server (its process id) when the third interval starts (`StopStore`; the cache
+  and `save` folders' files are listed in `<name>-files.json` then).
 """
 
 import json
@@ -36,22 +38,25 @@ REFERENCE = [1.0, 1.5, 0.5]
 SEQ, VOCAB = 16, 96
 
 
-def write_data(root):
-    """Domain d: token progressions with step d + 1 (learnable, and different per domain)."""
+def write_data(root, shard_bytes=1 << 26):
+    """Domain d: token progressions with step d + 1 (learnable, and different per domain); the same samples for
+    any shard size. Each shard's SHA-1 is in its index, as prepare-data writes it."""
     rng = np.random.default_rng(0)
     for d, name in enumerate(DOMAINS):
         for split, n in (('train', 400), ('eval', 24)):
-            with MDSWriter(out=str(root / split / name), columns={'tokens': 'ndarray:uint16'}) as w:
+            with MDSWriter(out=str(root / split / name), columns={'tokens': 'ndarray:uint16'},
+                           size_limit=shard_bytes, hashes=['sha1']) as w:
                 for _ in range(n):
                     start = rng.integers(3, VOCAB)
                     w.write({'tokens': (3 + (start + (d + 1) * np.arange(SEQ)) % (VOCAB - 3)).astype(np.uint16)})
 
 
 class RecordBatches(Callback):
-    """Per step: the first tokens of this rank's batch, a digest of the RNG state and the step's losses."""
+    """Per step: the first tokens of this rank's batch, a digest of the RNG state and the step's losses; written
+    to `path` after every step (a run that fails keeps what it did)."""
 
-    def __init__(self):
-        self.batches = {}
+    def __init__(self, path):
+        self.batches, self.path = {}, path
 
     def after_dataloader(self, state, logger):
         self.batches[int(state.timestamp.batch)] = state.batch['input_ids'][:, :3].tolist()
@@ -60,6 +65,23 @@ class RecordBatches(Callback):
     def after_train_batch(self, state, logger):
         loss = state.loss if isinstance(state.loss, dict) else {'total': state.loss}
         self.batches[f'loss{int(state.timestamp.batch)}'] = {k: float(v) for k, v in loss.items()}
+        self.path.write_text(json.dumps(self.batches))
+
+
+class StopStore(Callback):
+    """At the start of interval `epoch` (0-based), list the files under `folders` (path -> bytes, into `listing`)
+    and stop the object store's server (process `pid`): the interval's new shards cannot be downloaded."""
+
+    def __init__(self, pid, folders, listing, epoch=2):
+        self.pid, self.folders, self.listing, self.epoch = int(pid), [Path(f) for f in folders], Path(listing), epoch
+
+    def epoch_start(self, state, logger):
+        import os
+        import signal
+        if int(state.timestamp.epoch) == self.epoch:
+            files = {str(p): p.stat().st_size for f in self.folders for p in f.rglob('*') if p.is_file()}
+            self.listing.write_text(json.dumps(files))
+            os.kill(self.pid, signal.SIGTERM)
 
 
 def save_when(state, event):
@@ -108,7 +130,7 @@ def separate_shared_memory(node: int, nodes: int) -> None:
 
 
 def run(out, fsdp=False, resume_from=None, remote=None, sharded=False, distill=False, tag=None, save=None,
-        shared_noise=False):
+        shared_noise=False, stop_store=None):
     out = Path(out)
     dist.initialize_dist(DeviceCPU())
     average_gradients_on_gloo()
@@ -130,8 +152,9 @@ def run(out, fsdp=False, resume_from=None, remote=None, sharded=False, distill=F
         tok, batch, dict(local=local, remote=remote, domains=DOMAINS, proportions=[0.6, 0.3, 0.1],
                          epoch_size=5 * global_batch, max_seq_len=SEQ), num_workers=2)
     evals = domain_evaluators(local, DOMAINS, batch, SEQ, remote=remote)
-    record = RecordBatches()
     name = tag or ('history' if resume_from is None else 'resumed-' + Path(resume_from).name.split('-rank')[0])
+    record = RecordBatches(out / f'{name}-batches-rank{dist.get_global_rank()}.json')
+    stop = [StopStore(stop_store, [f for f in (local, save) if f], out / f'{name}-files.json')] if stop_store else []
     callback = DynamicLoading(DOMAINS, [0.6, 0.3, 0.1], dict(zip(DOMAINS, REFERENCE, strict=True)),
                               history_file=str(out / f'{name}-dynamic_loading.json'))
     trainer = Trainer(
@@ -139,7 +162,7 @@ def run(out, fsdp=False, resume_from=None, remote=None, sharded=False, distill=F
         train_dataloader=train, eval_dataloader=evals, eval_interval='1ep', max_duration='4ep',
         algorithms=[(SharedNoisePruning if shared_noise else ShearPruning)(target=TARGET, lagrangian_warmup='10ba')]
         + ([ShearDistill(teacher=str(out / 'model'), alpha=0.5, temperature=2.0)] if distill else []),
-        callbacks=[callback, record],
+        callbacks=[callback, record, *stop],
         device='cpu',
         precision='fp32', seed=17, progress_bar=False, log_to_console=False, device_train_microbatch_size=batch,
         parallelism_config={'fsdp': {'state_dict_type': 'sharded' if sharded else 'full'}} if fsdp else None,
@@ -148,7 +171,6 @@ def run(out, fsdp=False, resume_from=None, remote=None, sharded=False, distill=F
     trainer.fit()
     rank = dist.get_global_rank()
     (out / f'{name}-rank{rank}.json').write_text(json.dumps(callback.history))
-    (out / f'{name}-batches-rank{rank}.json').write_text(json.dumps(record.batches))
     with torch.no_grad():
         snap = ShearPruning.masks(trainer.state).snapshot()
     torch.save({'log_alpha': snap.log_alpha, 'lambdas': snap.lambdas}, out / f'{name}-masks-rank{rank}.pt')
@@ -160,4 +182,4 @@ if __name__ == '__main__':
     options = dict(a.split('=', 1) for a in args if '=' in a)
     run(sys.argv[1], fsdp='fsdp' in args, resume_from=options.get('resume'), remote=options.get('remote'),
         sharded='sharded' in args, distill='distill' in args, tag=options.get('tag'), save=options.get('save'),
-        shared_noise='shared_noise' in args)
+        shared_noise='shared_noise' in args, stop_store=options.get('stop_store'))
