@@ -100,6 +100,7 @@ def test_a_dead_rank_ends_the_job_and_autoresume_from_the_store_is_bit_exact(tmp
     from the store and ends with exactly the losses, masks and multipliers of an uninterrupted run (fp32, CPU);
     both ranks hold the same masks and multipliers (the activation statistics are all-reduced), and
     its export through the store's `latest-rank0.pt.symlink` is the uninterrupted run's export, byte for byte."""
+    import contextlib
     import json
     import signal
     import time
@@ -141,7 +142,9 @@ def test_a_dead_rank_ends_the_job_and_autoresume_from_the_store_is_bit_exact(tmp
             try:
                 code = proc.wait(timeout=DEAD_RANK_EXIT_S)
             finally:
-                if proc.poll() is None:
+                # also what the job left behind: a spawned upload process of Composer's outlives its dead rank
+                # (it ignores SIGTERM), holding ~1 GB
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
         assert code != 0, 'the job with a dead rank exited 0'
         print(f'the job ended {time.time() - killed:.1f} s after its rank 1 was killed')

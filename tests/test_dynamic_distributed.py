@@ -40,13 +40,6 @@ def read(out, name, rank):
 
 
 @pytest.fixture(scope='module')
-def ddp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp('ddp')
-    launch(out)
-    return out
-
-
-@pytest.fixture(scope='module')
 def fsdp_run(tmp_path_factory):
     """FSDP2, sharded checkpoints, distillation: the one-node run the two-node and world-size tests compare with."""
     out = tmp_path_factory.mktemp('fsdp')
@@ -54,10 +47,8 @@ def fsdp_run(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize('mode', ['ddp', 'fsdp2'])
-def test_weights_identical_on_ranks_and_follow_the_rule(ddp_run, fsdp_run, mode):
-    out = fsdp_run if mode == 'fsdp2' else ddp_run
-    h0, h1 = (read(out, 'history', r) for r in (0, 1))
+def test_weights_identical_on_ranks_and_follow_the_rule(fsdp_run):
+    h0, h1 = (read(fsdp_run, 'history', r) for r in (0, 1))
     assert h0 == h1 and len(h0) == 4
     weights = np.array([0.6, 0.3, 0.1])
     for step in h0:
@@ -66,16 +57,16 @@ def test_weights_identical_on_ranks_and_follow_the_rule(ddp_run, fsdp_run, mode)
     assert abs(weights[0] - 0.6) > 0.05  # the mix moved
 
 
-# mid-interval (resuming at an interval boundary: test_a_run_continues_on_another_world_size)
-@pytest.mark.parametrize('checkpoint', ['ep1-ba7'])
-def test_resume_gives_the_uninterrupted_run(ddp_run, checkpoint):
-    """Batches, per-domain eval losses and domain weights after resuming equal the uninterrupted run's."""
-    launch(ddp_run, f'resume={ddp_run / "ckpt" / (checkpoint + "-rank0.pt")}')
+def test_a_resume_mid_interval_gives_the_uninterrupted_run(fsdp_run):
+    """Resumed on the same 2 ranks from the sharded checkpoint taken mid-interval, the run reads the same batches
+    and ends with the same per-domain eval losses and domain weights, bit for bit (an interval boundary:
+    test_a_run_continues_on_another_world_size_and_after_losing_the_store)."""
+    launch(fsdp_run, *FSDP, f'resume={fsdp_run / "ckpt" / "ep1-ba7"}', 'tag=again', env=FSDP_ENV)
     for r in (0, 1):
-        assert read(ddp_run, f'resumed-{checkpoint}', r) == read(ddp_run, 'history', r)
-        batches = read(ddp_run, 'history-batches', r)
-        again = read(ddp_run, f'resumed-{checkpoint}-batches', r)
-        assert again and all(batches[k] == v for k, v in again.items())
+        assert read(fsdp_run, 'again', r) == read(fsdp_run, 'history', r)
+        batches, again = read(fsdp_run, 'history-batches', r), read(fsdp_run, 'again-batches', r)
+        assert sorted(int(k) for k in again if k.isdigit()) == list(range(7, 20))
+        assert all(batches[k] == v for k, v in again.items())
 
 
 def close(a, b, rtol):
