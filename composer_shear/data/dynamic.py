@@ -25,7 +25,7 @@ from numpy.typing import ArrayLike
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from composer_shear._io import write_text
-from composer_shear._remote import RemoteError, join
+from composer_shear._remote import RemoteError, _fail, join
 from composer_shear.data.plan import Cursor, Plan, interval_samples, make_plan, worker_slice
 from composer_shear.data.prepare import SHARD_HASH, data_location, file_hash, published_build
 from composer_shear.data.weights import check_proportions
@@ -117,18 +117,19 @@ def fetch(store: Any, sample_id: int) -> dict:
         uri, local = shard_object(store, shard_id)
         if uri is None or local.exists():  # not a download that failed
             raise
-        _download_failed(store, shard_id)
-        raise RemoteError(f'{uri}: cannot download ({_first_line(e)})') from None
+        raise _download_failed(store, shard_id, e) from None
 
 
-def _download_failed(store: Any, shard_id: int) -> None:
-    """Mark a shard whose download failed as not downloaded. streaming 0.12 leaves it marked as being downloaded,
-    and another worker waiting for it would wait forever: the DataLoader, which hands batches out in order, then
-    waits for that worker and never sees the error (the run hangs instead of failing)."""
+def _download_failed(store: Any, shard_id: int, error: Exception) -> RemoteError:
+    """Mark a shard whose download failed as not downloaded, and return the error naming it. streaming 0.12 leaves
+    it marked as being downloaded, and another worker waiting for it would wait forever: the DataLoader, which
+    hands batches out in order, then waits for that worker and never sees the error (the run hangs instead of
+    failing)."""
     from streaming.base.dataset import _ShardState
     states = getattr(store, '_shard_states', None)
     if states is not None and states[shard_id] == _ShardState.PREPARING:
         states[shard_id] = _ShardState.REMOTE
+    return _fail(shard_object(store, shard_id)[0], 'download', error)
 
 
 def prefetch(store: Any) -> None:
@@ -138,13 +139,7 @@ def prefetch(store: Any) -> None:
         try:
             store.prepare_shard(shard_id)
         except Exception as e:
-            uri, _ = shard_object(store, shard_id)
-            _download_failed(store, shard_id)
-            raise RemoteError(f'{uri}: cannot download ({_first_line(e)})') from None
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise _download_failed(store, shard_id, e) from None
 
 
 class OneLineErrors:
