@@ -33,9 +33,14 @@ from composer_shear.kd import (
     PRECISIONS,
     compose_loss,
     distillation_loss,
+    fsdp2_mesh,
     load_teacher,
+    load_teacher_sharded,
     local_parameter_bytes,
+    safetensors_files,
     shard_teacher,
+    teacher_config,
+    teacher_forward,
 )
 from composer_shear.precision import warn_if_buffers_rounded
 
@@ -91,7 +96,8 @@ class ShearDistill(Algorithm):
         self.teacher_precision, self.top_k = teacher_precision, top_k
         self.teacher: nn.Module | None = None
         self.teacher_bytes = 0  # this rank's teacher parameter bytes, once placed
-        self._placed = False
+        self.teacher_read = 0  # the bytes of teacher weights this rank read from disk
+        self._vocab_size: int | None = None
 
     def __repr__(self) -> str:
         return (f'ShearDistill(teacher={self.teacher_path!r}, alpha={self.alpha}, temperature={self.temperature}, '
@@ -120,25 +126,38 @@ class ShearDistill(Algorithm):
                         'pre-training set shear_distill.teacher to the source model', path)
         self.teacher_path = str(path)
         warn_if_buffers_rounded(state)
-        self.teacher = load_teacher(path, self.teacher_precision, vocab_size=student.config.vocab_size)
+        self._vocab_size = student.config.vocab_size
+        teacher_config(path, self.teacher_precision, vocab_size=self._vocab_size)  # bad input before any weight
 
     def _place(self, state: State, logger: Logger) -> None:
-        if self._placed:
+        """Read the teacher once the student is distributed: under FSDP2 each rank reads only its own shards (from
+        ``.safetensors``); otherwise whole, then placed like the student."""
+        if self.teacher is not None:
             return
-        self.teacher = shard_teacher(self.teacher, state.model, state.device)
+        mesh = fsdp2_mesh(state.model)
+        if mesh is not None and safetensors_files(self.teacher_path) is not None:
+            self.teacher, self.teacher_read = load_teacher_sharded(self.teacher_path, mesh, self.teacher_precision,
+                                                                   self._vocab_size)
+        else:
+            if mesh is not None:
+                log.warning('shear_distill: %s has no .safetensors weights, so every rank reads the whole teacher '
+                            'before sharding it', self.teacher_path)
+            teacher = load_teacher(self.teacher_path, self.teacher_precision, vocab_size=self._vocab_size)
+            self.teacher_read = local_parameter_bytes(teacher)
+            self.teacher = shard_teacher(teacher, state.model, state.device)
         self.teacher_bytes = local_parameter_bytes(self.teacher)
-        self._placed = True
         logger.log_hyperparameters({'shear_distill/teacher': self.teacher_path,
-                                    'shear_distill/teacher_bytes_per_rank': self.teacher_bytes})
+                                    'shear_distill/teacher_bytes_per_rank': self.teacher_bytes,
+                                    'shear_distill/teacher_bytes_read_per_rank': self.teacher_read})
 
-    @torch.no_grad()
-    def teacher_logits(self, state: State) -> torch.Tensor:
-        """The teacher's logits on the current microbatch (under the run's precision context)."""
+    def teacher_outputs(self, state: State) -> tuple[torch.Tensor, Any]:
+        """The teacher's final hidden states and output layer on the current microbatch (or its logits and None),
+        under the run's precision context: `composer_shear.kd.teacher_forward`."""
         from composer.core.precision import get_precision_context
         batch = state.batch
         inputs = {k: batch[k] for k in ('input_ids', 'attention_mask', 'position_ids') if k in batch}
-        with get_precision_context(state.precision, state.precision_config):
-            return self.teacher(**inputs, use_cache=False).logits
+        return teacher_forward(self.teacher, inputs,
+                               lambda: get_precision_context(state.precision, state.precision_config))
 
     def kd_loss(self, state: State) -> torch.Tensor:
         """The distillation term of the current microbatch."""
@@ -147,8 +166,9 @@ class ShearDistill(Algorithm):
         labels = batch.get('labels')
         if labels is None:  # no labels: every attended token counts, as it would for the CE
             labels = batch['input_ids'].masked_fill(batch.get('attention_mask', 1) == 0, IGNORE_INDEX)
-        return distillation_loss(logits, self.teacher_logits(state), labels, self.temperature, self.kd_type,
-                                 self.top_k)
+        hidden, head = self.teacher_outputs(state)
+        return distillation_loss(logits, hidden, labels, self.temperature, self.kd_type, self.top_k,
+                                 teacher_head=head)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), 'teacher': self.teacher_path}

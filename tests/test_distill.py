@@ -53,16 +53,27 @@ def autograd_kl(s, t, labels, temperature, kd_type):
 
 @pytest.mark.parametrize('kd_type', ['forward_kl', 'reverse_kl'])
 @pytest.mark.parametrize('temperature', [1.0, 2.0])
-def test_fused_gradient_equals_autograd_of_the_formula(kd_type, temperature, monkeypatch):
+@pytest.mark.parametrize('head', [False, True])
+def test_fused_gradient_equals_autograd_of_the_formula(kd_type, temperature, head, monkeypatch):
+    """The fused loss and gradient, in blocks of 4 positions, with the teacher's logits given whole or made block by
+    block from its hidden states by its output layer, against autograd of the formula on whole logits."""
     import composer_shear.kd as kd
-    monkeypatch.setattr(kd, 'ROWS_PER_CHUNK', 4)  # several blocks per sequence
+    monkeypatch.setattr(kd, 'BLOCK_ELEMENTS', 4 * 40)  # blocks of 4 positions: several per sequence
+    assert kd.block_rows(40) == 4
     gen = torch.Generator().manual_seed(0)
     s = (3 * torch.randn(3, 11, 40, generator=gen)).requires_grad_(True)
-    t = 3 * torch.randn(3, 11, 40, generator=gen)
+    hidden = torch.randn(3, 11, 8, generator=gen)
+    lm_head = torch.nn.Linear(8, 40, bias=False)
+    torch.nn.init.normal_(lm_head.weight, std=1.0, generator=gen)
+    with torch.no_grad():
+        t = lm_head(hidden)
     labels = torch.randint(0, 40, (3, 11), generator=gen)
     labels[1, 4:] = -100   # a padded tail
     labels[2, 3] = -100    # one ignored token inside a sequence
-    got = distillation_loss(s, t, labels, temperature, kd_type)
+    if head:
+        got = distillation_loss(s, hidden, labels, temperature, kd_type, teacher_head=lm_head)
+    else:
+        got = distillation_loss(s, t, labels, temperature, kd_type)
     (g_got,) = torch.autograd.grad(got * 1.5, s)  # an upstream gradient other than 1
     want = autograd_kl(s, t, labels, temperature, kd_type)
     (g_want,) = torch.autograd.grad(want * 1.5, s)
@@ -203,7 +214,7 @@ def test_teacher_is_not_trained_in_process(tmp_path):
     algo = ShearDistill(alpha=0.5)
     trainer = Trainer(model=model, optimizers=opt, train_dataloader=loader(Tokens(16, 16, 96), 4),
                       max_duration='3ba', algorithms=[algo], device='cpu', progress_bar=False, log_to_console=False)
-    initial = {k: v.clone() for k, v in algo.teacher.state_dict().items()}
+    initial = load_teacher(source).state_dict()
     trainer.fit()
     assert all(torch.equal(initial[k], v) for k, v in algo.teacher.state_dict().items())
     assert all(not p.requires_grad and p.grad is None for p in algo.teacher.parameters())

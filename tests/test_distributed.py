@@ -173,7 +173,8 @@ def test_a_dead_rank_ends_the_job_and_autoresume_from_the_store_is_bit_exact(tmp
 @pytest.mark.parametrize('kind', ['ddp', 'fsdp2'])
 def test_distillation_matches_one_process(tmp_path, kind):
     """shear_distill on 2 ranks (DDP: a teacher replica per rank; FSDP2: the teacher sharded over the student's
-    mesh, half its parameter bytes per rank) logs the losses of a 1-process run on the same global batch."""
+    mesh, half its parameter bytes per rank, each rank reading from disk only the rows of its own shards) logs the
+    losses of a 1-process run (the teacher read whole) on the same global batch."""
     import json
 
     from tests.common import train_tiny
@@ -191,10 +192,13 @@ def test_distillation_matches_one_process(tmp_path, kind):
         for k, v in one[step].items():
             assert two[step][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (step, k)
     assert one['4']['loss/train/kd'] > 0
-    full = json.loads((tmp_path / 'one' / 'teacher-rank0.json').read_text())['bytes']
-    ranks = [json.loads((tmp_path / kind / f'teacher-rank{r}.json').read_text())['bytes'] for r in (0, 1)]
+    full = json.loads((tmp_path / 'one' / 'teacher-rank0.json').read_text())
+    assert full['read'] == full['bytes']
+    ranks = [json.loads((tmp_path / kind / f'teacher-rank{r}.json').read_text()) for r in (0, 1)]
+    held, read = [r['bytes'] for r in ranks], [r['read'] for r in ranks]
     if kind == 'ddp':
-        assert ranks == [full, full]
+        assert held == read == [full['bytes'], full['bytes']]
     else:
-        assert sum(ranks) == pytest.approx(full, rel=0.05)  # shards (FSDP2 pads dim 0 to a multiple of 2)
-        assert all(r == pytest.approx(full / 2, rel=0.1) for r in ranks)
+        assert sum(read) == full['bytes']  # each row read once, by the rank that holds it
+        assert sum(held) == pytest.approx(full['bytes'], rel=0.05)  # shards (FSDP2 pads dim 0 to a multiple of 2)
+        assert all(r == pytest.approx(full['bytes'] / 2, rel=0.1) for r in read + held)

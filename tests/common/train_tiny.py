@@ -76,7 +76,7 @@ def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_i
         model_dir=None, load_path=None, batch=4, target=None, modules=None, eval_interval='40ba', schedule='cosine',
         loggers=(), sleep=0.0, prune=True, distill=None, distill_first=False, mask_lr_schedule='model', callbacks=(),
         multiplier_update='adam', train_loader=None, also_full=False, mixed_precision=None, probe=False,
-        save_folder=None, hold_at=None):
+        save_folder=None, hold_at=None, init_device='cpu', pretrained=True):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dist.initialize_dist(DeviceCPU())
@@ -86,8 +86,8 @@ def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_i
             save_tiny(model_dir)
         dist.barrier()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = ComposerHFCausalLM(tok, pretrained_model_name_or_path=str(model_dir), pretrained=True,
-                               attn_implementation='sdpa', use_train_metrics=False)
+    model = ComposerHFCausalLM(tok, pretrained_model_name_or_path=str(model_dir), pretrained=pretrained,
+                               attn_implementation='sdpa', use_train_metrics=False, init_device=init_device)
     opt = DecoupledAdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     algo = ShearPruning(target=target or TARGET, lag_lr=lag_lr, lagrangian_warmup=warmup, init=init,
                         mask_lr_schedule=mask_lr_schedule, multiplier_update=multiplier_update,
@@ -147,7 +147,7 @@ def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_i
     (out / f'losses-rank{rank}.json').write_text(json.dumps(losses.losses))
     (out / f'logged-rank{rank}.json').write_text(json.dumps(losses.logged))
     if teacher is not None:
-        (out / f'teacher-rank{rank}.json').write_text(json.dumps({'bytes': teacher.teacher_bytes}))
+        (out / f'teacher-rank{rank}.json').write_text(json.dumps({'bytes': teacher.teacher_bytes, 'read': teacher.teacher_read}))
     trainer.close()
     return algo, snap
 
