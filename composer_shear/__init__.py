@@ -30,6 +30,8 @@ _EXPORTS = {
     'candidate_shapes': 'composer_shear.budget',
     'distillation_loss': 'composer_shear.kd',
     'load_teacher': 'composer_shear.kd',
+    'load_teacher_sharded': 'composer_shear.kd',
+    'teacher_forward': 'composer_shear.kd',
     'update_domain_weights': 'composer_shear.data.weights',
     # downstream evaluation (llm-foundry's ICL evaluator)
     'load_tasks': 'composer_shear.icl',
@@ -86,6 +88,7 @@ __all__ = [
     'init_masks_from_importance',
     'load_tasks',
     'load_teacher',
+    'load_teacher_sharded',
     'parse_target',
     'prepare',
     'prune_folder',
@@ -95,6 +98,7 @@ __all__ = [
     'sample_masks',
     'search_shapes',
     'set_eval_masks',
+    'teacher_forward',
     'update_domain_weights',
 ]  # the names of _EXPORTS (a test checks they agree)
 
@@ -124,7 +128,7 @@ if TYPE_CHECKING:
     from composer_shear.export import export_checkpoint
     from composer_shear.functional import apply_shear_pruning, clamp_masks, prune_model, sample_masks, set_eval_masks
     from composer_shear.icl import evaluate_models, load_tasks
-    from composer_shear.kd import distillation_loss, load_teacher
+    from composer_shear.kd import distillation_loss, load_teacher, load_teacher_sharded, teacher_forward
     from composer_shear.masks import MaskSnapshot, ShearMasks
     from composer_shear.oneshot import prune_oneshot
     from composer_shear.shapes import PRESETS, PRUNING_MODULES, TARGET_FIELDS, ModelShape

@@ -144,7 +144,8 @@ class _FusedKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None, None, None
+        # in place: no second logits-sized tensor (a graph is backpropagated once; Composer never retains it)
+        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None
 
 
 def compose_loss(loss: torch.Tensor | Mapping[str, torch.Tensor], kd: torch.Tensor,
@@ -259,7 +260,7 @@ def load_teacher_sharded(folder: str | os.PathLike, mesh: Any, precision: str = 
     (the current CUDA device for a ``cuda`` mesh).
 
     Returns:
-        The teacher and the bytes this rank read from disk.
+        The teacher and the bytes of weights this rank read (counted in the teacher's dtype).
 
     Raises:
         ConfigError: as `teacher_config`, or a folder without ``.safetensors`` files or missing a tensor.
@@ -278,6 +279,7 @@ def load_teacher_sharded(folder: str | os.PathLike, mesh: Any, precision: str = 
         raise ConfigError(f'shear_distill.teacher: {folder} has no .safetensors weights to read by shard')
     with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (RoPE's) computed on the CPU
         teacher = AutoModelForCausalLM.from_config(config, **dtype_kwargs(PRECISIONS[precision]))
+    teacher.tie_weights()  # not done on the meta device (tie_word_embeddings: the output layer is the embedding)
     _frozen(teacher)
     buffers = {name: b.clone() for name, b in teacher.named_buffers()}
     _fully_shard(teacher, mesh)
@@ -298,7 +300,7 @@ def load_teacher_sharded(folder: str | os.PathLike, mesh: Any, precision: str = 
                 continue
             rows = handles[files[name]].get_slice(name)[offset[0]:offset[0] + shape[0]]  # FSDP2 shards dim 0
             local.copy_(rows.to(local.dtype))
-            read += rows.numel() * rows.element_size()
+            read += rows.numel() * local.element_size()
     finally:
         handles.clear()
     return teacher, read

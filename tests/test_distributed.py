@@ -57,12 +57,23 @@ def test_fsdp2_bf16_masks_select_in_fp32_and_both_checkpoints_export_the_masked_
     """One FSDP2 run with a bf16 param_dtype (FSDP mixed precision casts the mask logits for every forward) saves its
     final state sharded and whole: the in-loop exact-target masks are the fp32 selection of the saved logits (not the
     bf16-rounded one, which differs here by construction), the two checkpoints export the same model, and that model
-    computes the wrapped masked model's logits within bf16 tolerance."""
+    computes the wrapped masked model's logits within bf16 tolerance. The student starts with ``init_device: mixed``
+    (rank 0 reads the weights, rank 1 starts on the meta device and receives its shards): before step 1 each rank
+    holds exactly its rows of the source weights."""
     from composer_shear.masks import deterministic
 
     out = tmp_path / 'run'
     launch(out, {'FSDP_VERSION': '2', 'STATE_DICT_TYPE': 'sharded'}, 'fsdp=true', 'also_full=true', 'probe=true',
-           f'mixed_precision={BF16}', *NEAR_TIES)
+           f'mixed_precision={BF16}', 'init_device=mixed', 'shards=true', *NEAR_TIES)
+    source = AutoModelForCausalLM.from_pretrained(out / 'source').state_dict()
+    for rank in (0, 1):
+        shards = torch.load(out / f'shards-rank{rank}.pt')
+        assert set(shards) >= set(source) - {'lm_head.weight'}  # tied to the embeddings
+        for name, local in shards.items():
+            if name not in source:
+                continue
+            rows = -(-source[name].shape[0] // 2)  # FSDP2: dim 0 in chunks of ceil(n / 2)
+            assert torch.equal(local, source[name][rank * rows:(rank + 1) * rows]), (rank, name)
     same_on_both_ranks(out)
     probe, saved = torch.load(out / 'probe-rank0.pt'), torch.load(out / 'masks-rank0.pt')
     assert probe['dtype'] == 'torch.bfloat16'  # the forward did see cast parameters
@@ -153,6 +164,8 @@ def test_a_dead_rank_ends_the_job_and_autoresume_from_the_store_is_bit_exact(tmp
         assert res.returncode == 0, res.stderr[-5000:]
         assert not list((tmp_path / 'node-b').rglob('ep0-ba6-rank0.pt'))  # nothing old there: read from the store
         export_checkpoint(f's3://{BUCKET}/{link}', tmp_path / 'remote-export')
+    from composer_shear.kd import load_teacher, local_parameter_bytes
+    whole = local_parameter_bytes(load_teacher(tmp_path / 'full' / 'source'))
     for r in (0, 1):
         full = torch.load(tmp_path / 'full' / f'masks-rank{r}.pt')
         resumed = torch.load(tmp_path / 'killed' / f'masks-rank{r}.pt')
@@ -162,6 +175,8 @@ def test_a_dead_rank_ends_the_job_and_autoresume_from_the_store_is_bit_exact(tmp
         before = json.loads((tmp_path / 'full' / f'losses-rank{r}.json').read_text())
         after = json.loads((tmp_path / 'killed' / f'losses-rank{r}.json').read_text())
         assert after and min(map(int, after)) == 6  # the restart began at the checkpoint, not from scratch
+        teacher = json.loads((tmp_path / 'killed' / f'teacher-rank{r}.json').read_text())
+        assert teacher['read'] == teacher['bytes'] == whole  # DDP: a whole replica per rank, read by each
         assert all(before[k] == v for k, v in after.items())
         assert all(v['kd'] > 0 for v in after.values())
     same_on_both_ranks(tmp_path / 'full')
@@ -170,11 +185,11 @@ def test_a_dead_rank_ends_the_job_and_autoresume_from_the_store_is_bit_exact(tmp
         assert (tmp_path / 'remote-export' / name).read_bytes() == (tmp_path / 'local-export' / name).read_bytes()
 
 
-@pytest.mark.parametrize('kind', ['ddp', 'fsdp2'])
+@pytest.mark.parametrize('kind', ['fsdp2'])  # DDP's replica per rank: the dead-rank test
 def test_distillation_matches_one_process(tmp_path, kind):
-    """shear_distill on 2 ranks (DDP: a teacher replica per rank; FSDP2: the teacher sharded over the student's
-    mesh, half its parameter bytes per rank, each rank reading from disk only the rows of its own shards) logs the
-    losses of a 1-process run (the teacher read whole) on the same global batch."""
+    """shear_distill on 2 ranks (FSDP2: the teacher sharded over the student's mesh, half its parameter bytes per
+    rank, each rank reading from disk only the rows of its own shards) logs the losses of a 1-process run (the
+    teacher read whole) on the same global batch."""
     import json
 
     from tests.common import train_tiny

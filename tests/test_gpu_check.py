@@ -82,13 +82,14 @@ def test_the_whole_check_on_cpu(tmp_path):
     assert 0 < float(lines[-1].split()[-1]) < 10
     rows = [line for line in lines if line.startswith('| ')]
     for check in ('FSDP2 training throughput | plain', 'FSDP2 training throughput | pruned+kd',
+                  'FSDP2 training throughput | pruned+kd+compiled',
                   'sharded FSDP2 checkpoint exports = masked model',
                   'composer-shear reference-loss', 'composer-shear eval'):
         assert any(check in r for r in rows), check
     assert (tmp_path / 'fsdp2' / 'export' / 'config.json').exists()  # the sharded checkpoint's export
     assert (tmp_path / 'fsdp2' / 'launch.log').stat().st_size > 0  # the ranks' output is kept
     written = (tmp_path / 'gpu_check.md').read_text().splitlines()
-    assert len(written) == 2 + 3 + 1 + 3 and all(line in lines for line in written)  # header, rows as printed
+    assert len(written) == 2 + 5 + 1 + 3 and all(line in lines for line in written)  # header, rows as printed
 
 
 def test_stage2_without_the_stack_says_why_in_one_row_and_exits_0(tmp_path):

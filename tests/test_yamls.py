@@ -45,9 +45,14 @@ def load(path, **overrides):
     return make_dataclass_and_log_config(cfg, TrainConfig, TRAIN_CONFIG_KEYS, transforms='all')[1]
 
 
-def test_the_paper_yamls_are_there():
-    names = {p.name for p in YAMLS}
-    assert {'prune_1.3b.yaml', 'prune_2.7b.yaml', 'continue_1.3b.yaml', 'continue_2.7b.yaml'} <= names
+def test_the_paper_yamls_are_there_and_load_the_model_once():
+    """The paper's YAMLs (GPU, FSDP) start the model with `init_device: mixed`: rank 0 reads the weights, the
+    others start on the meta device and receive their shards (tests/test_distributed.py runs it on 2 ranks)."""
+    paper = [p for p in YAMLS if p.parent.name == 'yamls' and p.name.startswith(('prune_', 'continue'))]
+    assert {'prune_1.3b.yaml', 'prune_2.7b.yaml', 'continue_1.3b.yaml', 'continue_2.7b.yaml',
+            'continue_kd_1.3b.yaml', 'continue_kd_2.7b.yaml'} <= {p.name for p in paper}
+    for path in paper:
+        assert OmegaConf.load(path).model.init_device == 'mixed', path.name
 
 
 @pytest.mark.parametrize('path', YAMLS, ids=lambda p: p.name)

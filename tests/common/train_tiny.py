@@ -55,6 +55,20 @@ class HoldForUploads(Callback):
         raise RuntimeError(f'held at step {self.step} for {self.timeout:.0f} s and not killed')
 
 
+class SaveShards(Callback):
+    """At FIT_START (the model distributed, before step 1) each rank saves its local part of every parameter of the
+    HF model (a DTensor's local shard, or the whole tensor)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def fit_start(self, state, logger):
+        from torch.distributed.tensor import DTensor
+        hf = state.model.model
+        torch.save({n: (p.to_local() if isinstance(p, DTensor) else p).detach().clone()
+                    for n, p in hf.named_parameters()}, self.path)
+
+
 class LossLog(Callback):
     """Records every step's losses (the last microbatch's on this rank, and the step's as Composer logs them:
     summed over microbatches, averaged over ranks); optionally sleeps after each step (to leave time to kill
@@ -76,7 +90,8 @@ def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_i
         model_dir=None, load_path=None, batch=4, target=None, modules=None, eval_interval='40ba', schedule='cosine',
         loggers=(), sleep=0.0, prune=True, distill=None, distill_first=False, mask_lr_schedule='model', callbacks=(),
         multiplier_update='adam', train_loader=None, also_full=False, mixed_precision=None, probe=False,
-        save_folder=None, hold_at=None, init_device='cpu', pretrained=True):
+        save_folder=None, hold_at=None, init_device='cpu', pretrained=True,
+        shards=False, compile_config=None):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dist.initialize_dist(DeviceCPU())
@@ -106,13 +121,14 @@ def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_i
                                   metric_names=['LanguageCrossEntropy']), eval_interval=eval_interval,
         max_duration=f'{steps}ba', algorithms=algorithms,
         callbacks=([PruningMonitor(), losses] if prune else [losses]) + list(callbacks)
-        + ([HoldForUploads(hold_at)] if hold_at else []),
+        + ([HoldForUploads(hold_at)] if hold_at else [])
+        + ([SaveShards(out / f'shards-rank{dist.get_global_rank()}.pt')] if shards else []),
         device='cpu',
         precision='fp32', save_folder=save_folder or str(out / 'ckpt'), save_interval=save_interval,
         save_overwrite=not autoresume,
         save_latest_filename='latest-rank{rank}.pt', run_name='tiny', autoresume=autoresume, load_path=load_path,
-        parallelism_config=parallelism, seed=17, progress_bar=False, log_to_console=False,
-        loggers=list(loggers), device_train_microbatch_size=batch // 2,
+        parallelism_config=parallelism, compile_config=compile_config, seed=17, progress_bar=False,
+        log_to_console=False, loggers=list(loggers), device_train_microbatch_size=batch // 2,
         schedulers=CosineAnnealingScheduler(alpha_f=0.0) if schedule == 'cosine' else None)
     # Composer polls the store every 30 s before it moves `latest` there (a private attribute of composer 0.32)
     for cb in trainer.state.callbacks:
@@ -147,7 +163,8 @@ def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_i
     (out / f'losses-rank{rank}.json').write_text(json.dumps(losses.losses))
     (out / f'logged-rank{rank}.json').write_text(json.dumps(losses.logged))
     if teacher is not None:
-        (out / f'teacher-rank{rank}.json').write_text(json.dumps({'bytes': teacher.teacher_bytes, 'read': teacher.teacher_read}))
+        (out / f'teacher-rank{rank}.json').write_text(json.dumps({'bytes': teacher.teacher_bytes,
+                                                                  'read': teacher.teacher_read}))
     trainer.close()
     return algo, snap
 
