@@ -189,13 +189,14 @@ def test_a_dead_rank_ends_the_job_and_autoresume_from_the_store_is_bit_exact(tmp
 def test_distillation_matches_one_process(tmp_path, kind):
     """shear_distill on 2 ranks (FSDP2: the teacher sharded over the student's mesh, half its parameter bytes per
     rank, each rank reading from disk only the rows of its own shards) logs the losses of a 1-process run (the
-    teacher read whole) on the same global batch."""
+    teacher read whole) on the same global batch. The model ties its output layer to its embeddings, as SmolLM2
+    does (one tensor in the files for two modules)."""
     import json
 
     from tests.common import train_tiny
     distill = '{"alpha": 0.5, "temperature": 2.0}'
     env = {'FSDP_VERSION': '2'} if kind == 'fsdp2' else {}
-    launch(tmp_path / kind, env, 'prune=false', f'distill={distill}', 'steps=4', 'batch=4',
+    launch(tmp_path / kind, env, 'prune=false', f'distill={distill}', 'steps=4', 'batch=4', 'tied=true',
            *(['fsdp=true'] if kind == 'fsdp2' else []))
     train_tiny.run(tmp_path / 'one', steps=4, batch=8, prune=False, distill=json.loads(distill),
                    model_dir=tmp_path / kind / 'source', save_interval='4ba', eval_interval='4ba')

@@ -91,14 +91,14 @@ def run(out, steps=120, fsdp=False, lag_lr=1.0, init=None, warmup='30ba', save_i
         loggers=(), sleep=0.0, prune=True, distill=None, distill_first=False, mask_lr_schedule='model', callbacks=(),
         multiplier_update='adam', train_loader=None, also_full=False, mixed_precision=None, probe=False,
         save_folder=None, hold_at=None, init_device='cpu', pretrained=True,
-        shards=False, compile_config=None):
+        shards=False, compile_config=None, tied=False):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dist.initialize_dist(DeviceCPU())
     if model_dir is None:
         model_dir = out / 'source'
         if dist.get_local_rank() == 0 and not (model_dir / 'config.json').exists():
-            save_tiny(model_dir)
+            save_tiny(model_dir, tied=tied)
         dist.barrier()
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = ComposerHFCausalLM(tok, pretrained_model_name_or_path=str(model_dir), pretrained=pretrained,
