@@ -7,7 +7,8 @@ import torch
 
 from tests.common import train_tiny
 
-LOSS_RTOL = 1e-5  # fp32; the compiled graph may order a reduction differently
+LOSS_RTOL, LOSS_ATOL = 1e-5, 1e-6  # fp32; the compiled graph may order a reduction differently (the KD term, ~1e-2
+# here, is a sum of terms that cancel: measured 1.3e-7 apart at step 1)
 MASK_ATOL = 1e-5  # mask logits and multipliers after 6 steps (their values are O(1) to O(10))
 
 
@@ -16,7 +17,7 @@ def test_a_compiled_run_has_no_graph_break_and_the_eager_losses_masks_and_multip
     autograd, without inductor's code generation, which bench/compile_step.py measures): the whole masked model is
     one graph per mode (train and eval), with no graph break anywhere (a hook or a mask op that dynamo cannot trace
     would split every decoder layer), and the losses, mask logits and multipliers of every step are the eager run's
-    within fp32 tolerance."""
+    within fp32 tolerance (LOSS_RTOL, LOSS_ATOL, MASK_ATOL)."""
     from torch._dynamo.utils import counters
 
     kwargs = dict(steps=6, save_interval='6ba', eval_interval='3ba', warmup='2ba',
@@ -32,7 +33,7 @@ def test_a_compiled_run_has_no_graph_break_and_the_eager_losses_masks_and_multip
     for step, terms in losses[0].items():
         assert set(terms) == {'ce', 'lag', 'kd', 'total'}
         for k, v in terms.items():
-            assert losses[1][step][k] == pytest.approx(v, rel=LOSS_RTOL, abs=1e-7), (step, k)
+            assert losses[1][step][k] == pytest.approx(v, rel=LOSS_RTOL, abs=LOSS_ATOL), (step, k)
     for name, value in eager.log_alpha.items():
         torch.testing.assert_close(compiled.log_alpha[name], value, rtol=0, atol=MASK_ATOL)
     torch.testing.assert_close(compiled.lambdas, eager.lambdas, rtol=0, atol=MASK_ATOL)
