@@ -66,7 +66,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     from composer_shear.data.prepare import prepare
     manifest = prepare(args.input, args.tokenizer, args.out, args.max_seq_len, args.eval_fraction, args.seed,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, workers=args.workers, text_field=args.text_field)
     for name, splits in manifest['domains'].items():
         print(f"{name}: " + ', '.join(f"{s} {v['sequences']} seqs / {v['tokens']:,} tokens / {v['documents']} docs"
                                       for s, v in splits.items()))
@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--json', action='store_true', help='print the JSON report')
     p.set_defaults(func=_inspect)
 
-    p = sub.add_parser('prepare-data', help='per-domain jsonl -> tokenized MDS with disjoint train/eval splits')
+    p = sub.add_parser('prepare-data', help='per-domain documents (JSON lines, Parquet, datasets save_to_disk) -> '
+                                            'tokenized MDS with disjoint train/eval splits')
     p.add_argument('--input', required=True, nargs='+', help='a folder of domain folders, or domain folders')
     p.add_argument('--tokenizer', required=True, help='an HF tokenizer folder')
     p.add_argument('--out', required=True, help='a folder, or an object-store URI (s3://bucket/prefix; '
@@ -217,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--max-seq-len', type=int, required=True)
     p.add_argument('--eval-fraction', type=float, default=0.1, help='fraction of documents held out for eval')
     p.add_argument('--seed', type=int, default=17)
+    p.add_argument('--workers', type=int, help='processes that read and tokenize (default: the cores, one per 16 MiB '
+                                               'of input); the output is the same for any number')
+    p.add_argument('--text-field', default='text', help='the documents\' field (JSON lines) or column (Parquet, '
+                                                       'datasets folders)')
     p.add_argument('--overwrite', action='store_true',
                    help='rebuild --out when it was prepared from other inputs or settings, or is damaged')
     p.set_defaults(func=_prepare)

@@ -70,11 +70,14 @@ def corpus(tmp_path):
 
 
 def read_rows(folder):
-    """All samples' `tokens` of one MDS folder, in order."""
-    from streaming import StreamingDataset
-    ds = StreamingDataset(local=str(folder), shuffle=False, batch_size=1)
-    rows = [ds.get_item(i)['tokens'] for i in range(ds.num_samples)]
-    del ds
+    """All samples' `tokens` of one MDS folder, in order, read shard by shard (a StreamingDataset would hold
+    shared-memory file descriptors for the rest of the test session)."""
+    from streaming.base.format import reader_from_json
+    index = json.loads((folder / 'index.json').read_text())
+    rows = []
+    for info in index['shards']:
+        shard = reader_from_json(str(folder), None, info)
+        rows += [shard.get_item(i)['tokens'] for i in range(shard.samples)]
     return rows
 
 
@@ -123,6 +126,75 @@ def test_layout_manifest_and_disjoint_splits(tmp_path, tok_dir, corpus):
     # a list of domain folders is the same as their parent folder
     listed = prepare([root / d for d in texts], tok_dir, tmp_path / 'listed', SEQ, eval_fraction=0.2, progress=False)
     assert listed['domains'] == manifest['domains']
+
+
+def write_parquet(path, texts, column='text', row_group_size=4):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({column: texts, 'id': list(range(len(texts)))}), path, row_group_size=row_group_size)
+    return path
+
+
+def write_datasets_folder(path, texts):
+    """A Hugging Face `datasets` folder, as `Dataset.save_to_disk` writes it (.arrow files and JSON metadata)."""
+    from datasets import Dataset
+    Dataset.from_dict({'text': texts}).save_to_disk(str(path), num_shards=2)
+    return path
+
+
+def test_workers_give_the_one_process_output_from_jsonl_parquet_and_datasets_folders(tmp_path, tok_dir, corpus,
+                                                                                      monkeypatch):
+    """Five domains in every input form (plain .jsonl split into parts of 200 bytes, so that lines straddle the
+    parts' edges; .gz; .zst; Parquet in row groups of 4; a save_to_disk folder, next to a .jsonl file): 2 workers
+    write the same files, byte for byte, as 1, and every split is its documents in input order."""
+    from composer_shear.data import sources
+    root, texts = corpus
+    texts['delta'] = [doc_text('delta', i) for i in range(30)]
+    write_parquet(root / 'delta' / 'a.parquet', texts['delta'][:18])
+    write_parquet(root / 'delta' / 'b.parquet', texts['delta'][18:])
+    texts['epsilon'] = [doc_text('epsilon', i) for i in range(24)]
+    write_datasets_folder(root / 'epsilon' / 'saved', texts['epsilon'][:20])
+    write_jsonl(root / 'epsilon' / 'z.jsonl', docs('epsilon', range(20, 24)))  # after saved/ in path order
+    texts = dict(sorted(texts.items()))  # domains in name order
+    monkeypatch.setattr(sources, 'PART_BYTES', 200)
+    assert len(sources.parts(root / 'alpha' / 'more' / 'a1.jsonl')) >= 3
+    outputs = {}
+    for workers in (1, 2):
+        out = tmp_path / f'out{workers}'
+        manifest = prepare(root, tok_dir, out, SEQ, eval_fraction=0.2, progress=False, workers=workers)
+        check_output(out, texts, manifest)
+        outputs[workers] = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob('*')) if p.is_file()}
+    assert outputs[1].keys() == outputs[2].keys() and len(outputs[1]) == 1 + 2 * 5 * 2  # manifest, index + shard
+    for name, data in outputs[1].items():
+        assert outputs[2][name] == data, name
+
+
+def test_a_bad_line_in_a_later_part_is_named_by_its_line_in_the_file(tmp_path, tok_dir, monkeypatch):
+    from composer_shear.data import sources
+    root = tmp_path / 'raw'
+    valid_domain(root, 'alpha')
+    lines = docs('beta', range(30))
+    lines[22] = '{"text": "unfinished'
+    write_jsonl(root / 'beta' / 'b.jsonl', lines)
+    monkeypatch.setattr(sources, 'PART_BYTES', 300)
+    assert len(sources.parts(root / 'beta' / 'b.jsonl')) > 5
+    with pytest.raises(ValueError, match=re.escape(f'{root / "beta" / "b.jsonl"}:23 is not valid JSON')):
+        prepare(root, tok_dir, tmp_path / 'out', SEQ, progress=False, workers=2)
+
+
+def test_text_field_names_the_column(tmp_path, tok_dir):
+    root = tmp_path / 'raw'
+    texts = {d: [doc_text(d, i) for i in range(10)] for d in ('alpha', 'beta')}
+    write_parquet(root / 'alpha' / 'a.parquet', texts['alpha'], column='content')
+    write_jsonl(root / 'beta' / 'b.jsonl', [{'content': t} for t in texts['beta']])
+    with pytest.raises(ValueError, match=re.escape(f'{root / "alpha" / "a.parquet"} has no column `text` '
+                                                   '(columns: content, id)')):
+        prepare(root, tok_dir, tmp_path / 'out', SEQ, progress=False)
+    manifest = prepare(root, tok_dir, tmp_path / 'out', SEQ, eval_fraction=0.2, progress=False,
+                       text_field='content')
+    check_output(tmp_path / 'out', texts, manifest)
+    assert manifest['inputs']['text_field'] == 'content'
 
 
 def test_uint32_for_a_large_vocabulary(tmp_path):
@@ -327,13 +399,24 @@ def not_utf8(root):
     path = root / 'gamma' / 'x.jsonl'
     path.parent.mkdir(parents=True)
     path.write_bytes(json.dumps({'text': doc_text('gamma', 0)}).encode() + b'\n{"text": "caf\xe9"}\n')
-    return path, 'cannot read'
+    return f'{path}:2', 'is not valid JSON'
+
+
+def corrupt_parquet(root):
+    path = root / 'gamma' / 'x.parquet'
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b'PAR1 not really parquet')
+    return path, 'as Parquet'
+
+
+def parquet_null_text(root):
+    return write_parquet(root / 'gamma' / 'x.parquet', [doc_text('gamma', 0), None, 'c']), 'row 2 has no string'
 
 
 def no_files(root):
     (root / 'gamma').mkdir()
     (root / 'gamma' / 'notes.txt').write_text('{"text": "not a jsonl file"}\n')
-    return "'gamma'", 'has no .jsonl/.jsonl.gz/.jsonl.zst files'
+    return "'gamma'", 'has no .jsonl/.jsonl.gz/.jsonl.zst/.parquet/.arrow files'
 
 
 def single_document(root):
@@ -347,7 +430,8 @@ def too_little_text(root):
 
 
 @pytest.mark.parametrize('fault', [no_text, text_not_string, invalid_json, invalid_json_zst, truncated_gzip, not_zstd,
-                                   not_utf8, no_files, single_document, too_little_text])
+                                   not_utf8, corrupt_parquet, parquet_null_text, no_files, single_document,
+                                   too_little_text])
 def test_errors_name_the_culprit(tmp_path, tok_dir, fault):
     root = tmp_path / 'raw'
     valid_domain(root, 'alpha')
@@ -434,6 +518,9 @@ def test_cli_prepare_data(tmp_path, tok_dir, corpus):
     assert 'Traceback' not in run.stderr
     run = cli('prepare-data', '--input', root, '--tokenizer', tok_dir, '--out', tmp_path / 'new', '--max-seq-len', 0)
     assert run.returncode == 2 and run.stderr.count('\n') == 1 and '--max-seq-len must be' in run.stderr
+    run = cli('prepare-data', '--input', root, '--tokenizer', tok_dir, '--out', tmp_path / 'new', '--max-seq-len', SEQ,
+              '--workers', 0)
+    assert run.returncode == 2 and run.stderr.count('\n') == 1 and '--workers must be a positive' in run.stderr
     assert not (tmp_path / 'new').exists()
     shard = next((out / 'eval' / 'gamma').glob('*.mds'))
     data = shard.read_bytes()

@@ -43,7 +43,7 @@ def remote_snapshot(server, prefix='rp/'):
 def test_prepare_to_s3_is_the_local_output_published_last(s3, tmp_path, tok_dir, corpus, monkeypatch):
     root, _ = corpus
     local = prepare(root, tok_dir, tmp_path / 'local', SEQ, eval_fraction=0.2, progress=False)
-    manifest = prepare(root, tok_dir, URI, SEQ, eval_fraction=0.2, progress=False)
+    manifest = prepare(root, tok_dir, URI, SEQ, eval_fraction=0.2, progress=False, workers=2)  # == 1 worker's
     build = manifest.pop('data')
     assert re.fullmatch(r'build-\d{8}-\d{6}-[0-9a-f]{8}', build) and manifest == local
     objects = remote_snapshot(s3)

@@ -1,7 +1,9 @@
-"""`composer-shear prepare-data`: per-domain jsonl (RedPajama layout) -> tokenized MDS, disjoint train/eval.
+"""`composer-shear prepare-data`: per-domain documents (RedPajama layout) -> tokenized MDS, disjoint train/eval.
 
-Input: a folder holding one sub-folder per domain (or a list of domain folders), each with `*.jsonl`,
-`*.jsonl.gz` or `*.jsonl.zst` files of objects with a `text` field. Every document is wrapped with BOS/EOS
+Input: a folder holding one sub-folder per domain (or a list of domain folders), each with any mix of `*.jsonl`,
+`*.jsonl.gz` or `*.jsonl.zst` files of objects with a `text` field, Parquet files with a `text` column, and
+folders written by Hugging Face `datasets`' `save_to_disk` (their `.arrow` files); `text_field` names another field
+or column (`composer_shear.data.sources`). Every document is wrapped with BOS/EOS
 (those the tokenizer has), documents are concatenated and cut into `max_seq_len` tokens (the tail is dropped).
 Eval sequences come from documents that train never sees. Output:
 `OUT/{train,eval}/<domain>/` (MDS, column `tokens`, uint16 when the vocabulary fits, else uint32) and
@@ -11,8 +13,11 @@ interrupted or failed run leaves the previous output as it was. The manifest rec
 hash of every input file and tokenizer file; a re-run with the same ones checks the output (every shard's size
 and SHA-1, recorded in the MDS index) and skips; with other ones, or over a folder that is not a prepare-data
 output, it refuses unless `overwrite` (a foreign folder is never replaced). One run at a time per `OUT` (a lock).
-Documents are streamed (a first pass counts and validates them, the second tokenizes 256 KiB at a time): memory
-does not grow with the corpus. `verify_data(OUT)` (`composer-shear verify-data`) checks every shard.
+Documents are streamed (a first pass counts them, the second reads, checks and tokenizes them 256 KiB at a time): memory
+does not grow with the corpus. `workers` processes read and tokenize the files' parts (byte ranges of a plain
+`.jsonl`, row groups of a Parquet file, whole compressed and Arrow files) while this process packs their tokens in
+the documents' order, so the output is the same, byte for byte, whatever the number of workers.
+`verify_data(OUT)` (`composer-shear verify-data`) checks every shard.
 `OUT` may be an object-store URI (`s3://bucket/prefix`): the build is uploaded under a new prefix and published by
 the manifest, written last (`prepare_remote`); readers find the splits with `data_location`.
 """
@@ -20,9 +25,7 @@ the manifest, written last (`prepare_remote`); readers find the splits with `dat
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
-import io
 import json
 import os
 import re
@@ -30,20 +33,25 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from composer_shear._io import atomic_dir, write_text
 from composer_shear._remote import download_tree, is_remote, join, list_keys, read_json, upload_file, upload_tree
+from composer_shear.data import sources
+from composer_shear.data.sources import SUFFIXES
 
 __all__ = ['MANIFEST', 'data_location', 'find_domains', 'prepare', 'prepare_remote', 'published_build', 'verify_data']
 
-SUFFIXES = ('.jsonl', '.jsonl.gz', '.jsonl.zst')
 # data-looking files this command does not read: named as an error instead of being skipped
-UNSUPPORTED = ('.json', '.json.gz', '.json.zst', '.jsonl.bz2', '.jsonl.xz', '.jsonl.lz4', '.parquet', '.arrow')
+UNSUPPORTED = ('.json', '.json.gz', '.json.zst', '.jsonl.bz2', '.jsonl.xz', '.jsonl.lz4', '.feather', '.orc')
+DATASETS_META = ('state.json', 'dataset_info.json', 'dataset_dict.json')  # beside a save_to_disk folder's .arrow files
 MANIFEST = 'manifest.json'
+WORKER_BYTES = 1 << 24  # by default, one worker per 16 MiB of input (a small input is read in this process)
 FORMAT = 'composer_shear.prepare-data/2'  # the manifest's `format`: what this module writes and can skip
 BUILDING = '.prepare-data-building'  # marks a temporary output folder as this command's
 BUILD = re.compile(r'build-\d{8}-\d{6}-[0-9a-f]{8}')  # the prefix of one remote build (`prepare_remote`)
@@ -58,11 +66,11 @@ def visible(path: Path, root: Path) -> bool:
 def domain_files(folder: Path) -> list[Path]:
     """The data files of one domain folder (recursively, hidden ones skipped); a file in a data-like format this
     command does not read is an error, not a silent skip."""
-    files = sorted(p for p in folder.rglob('*') if p.is_file() and visible(p, folder))
+    files = sorted(p for p in folder.rglob('*') if p.is_file() and visible(p, folder) and p.name not in DATASETS_META)
     for p in files:
         if p.name.endswith(UNSUPPORTED) and not p.name.endswith(SUFFIXES):
             raise ValueError(f'prepare-data: {p}: unsupported format; expected {", ".join(SUFFIXES)} files '
-                             '(one JSON object with a `text` field per line)')
+                             '(JSON lines, Parquet, or a `datasets` save_to_disk folder)')
     return [p for p in files if p.name.endswith(SUFFIXES)]
 
 
@@ -96,34 +104,6 @@ def domain_files_shallow(folder: Path) -> bool:
     return any(p.is_file() and p.name.endswith(SUFFIXES) and not p.name.startswith('.') for p in folder.iterdir())
 
 
-def read_texts(path: Path) -> Iterator[str]:
-    """Yield the `text` of every line; a clear error names the file and line otherwise."""
-    errors = (OSError, EOFError, UnicodeDecodeError)  # corrupt or truncated files: name them, no traceback
-    if path.name.endswith('.gz'):
-        stream = io.TextIOWrapper(gzip.open(path, 'rb'), encoding='utf-8')
-    elif path.name.endswith('.zst'):
-        import zstandard
-        errors += (zstandard.ZstdError,)
-        stream = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, 'rb')), encoding='utf-8')
-    else:
-        stream = open(path, encoding='utf-8')
-    n = 0
-    try:
-        with stream:
-            for n, line in enumerate(stream, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f'prepare-data: {path}:{n} is not valid JSON ({e.msg})') from e
-                if not isinstance(obj, dict) or not isinstance(obj.get('text'), str):
-                    raise ValueError(f'prepare-data: {path}:{n} has no string `text` field')
-                yield obj['text']
-    except errors as e:
-        raise ValueError(f'prepare-data: cannot read {path} after line {n} ({e})') from e
-
-
 def file_hash(path: Path, algo: str = 'sha256') -> str:
     """Hex digest of a file's content, read 1 MiB at a time."""
     h = hashlib.new(algo)
@@ -139,12 +119,18 @@ def tokenizer_files(tokenizer_dir: str | os.PathLike) -> list[Path]:
 
 
 def describe_inputs(domains: dict[str, Path], tokenizer_dir: str | os.PathLike, max_seq_len: int,
-                    eval_fraction: float, seed: int) -> dict:
-    """What the output is a function of: the settings and the content hash of every input and tokenizer file."""
-    return {'max_seq_len': max_seq_len, 'eval_fraction': eval_fraction, 'seed': seed,
-            'files': {f'{name}/{f.relative_to(folder).as_posix()}': file_hash(f)
-                      for name, folder in sorted(domains.items()) for f in domain_files(folder)},
-            'tokenizer_files': {f.name: file_hash(f) for f in tokenizer_files(tokenizer_dir)}}
+                    eval_fraction: float, seed: int, text_field: str = 'text', pool: Any = None) -> dict:
+    """What the output is a function of: the settings and the content hash of every input and tokenizer file
+    (hashed by `pool`'s workers when given)."""
+    files = [(f'{name}/{f.relative_to(folder).as_posix()}', f)
+             for name, folder in sorted(domains.items()) for f in domain_files(folder)]
+    hashes = list(ordered(pool, file_hash, [(f,) for _, f in files]))
+    described = {'max_seq_len': max_seq_len, 'eval_fraction': eval_fraction, 'seed': seed,
+                 'files': {key: h for (key, _), h in zip(files, hashes, strict=True)},
+                 'tokenizer_files': {f.name: file_hash(f) for f in tokenizer_files(tokenizer_dir)}}
+    if text_field != 'text':  # outputs prepared before the option existed keep their fingerprint
+        described['text_field'] = text_field
+    return described
 
 
 def fingerprint(inputs: dict) -> str:
@@ -154,7 +140,8 @@ def fingerprint(inputs: dict) -> str:
 
 def differences(old: dict, new: dict) -> list[str]:
     """What changed between two `describe_inputs` (for the refusal message)."""
-    out = [f'{k} {old.get(k)} -> {new[k]}' for k in ('max_seq_len', 'eval_fraction', 'seed') if old.get(k) != new[k]]
+    out = [f'{k} {old.get(k)} -> {new.get(k)}' for k in ('max_seq_len', 'eval_fraction', 'seed', 'text_field')
+           if old.get(k) != new.get(k)]
     for key, label in (('files', 'input'), ('tokenizer_files', 'tokenizer file')):
         a, b = old.get(key) or {}, new[key]
         out += [f'{label} {f} added' for f in sorted(set(b) - set(a))]
@@ -325,8 +312,13 @@ def data_location(local: str, remote: str | None = None, build: str | None = Non
     return os.path.join(local, build), (None if remote is None else join(remote, build))
 
 
-def check_settings(out: Path | None, max_seq_len: int, eval_fraction: float) -> None:
+def check_settings(out: Path | None, max_seq_len: int, eval_fraction: float, workers: int | None = None,
+                   text_field: str = 'text') -> None:
     """Argument errors, before anything is read or written."""
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f'prepare-data: --workers must be a positive integer, got {workers!r}')
+    if not isinstance(text_field, str) or not text_field:
+        raise ValueError(f'prepare-data: --text-field must be a field name, got {text_field!r}')
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
         raise ValueError(f'prepare-data: --max-seq-len must be an integer of at least 2, got {max_seq_len!r}')
     if not 0 < eval_fraction < 1:
@@ -377,25 +369,28 @@ def remove_stale_builds(out: Path) -> None:
 
 def prepare(inputs: str | os.PathLike | Iterable[str | os.PathLike], tokenizer_dir: str | os.PathLike,
             out: str | os.PathLike, max_seq_len: int, eval_fraction: float = 0.1, seed: int = 17,
-            progress: bool = True, shard_bytes: int = 1 << 26, overwrite: bool = False) -> dict:
+            progress: bool = True, shard_bytes: int = 1 << 26, overwrite: bool = False, workers: int | None = None,
+            text_field: str = 'text') -> dict:
     """Tokenize and pack every domain (see the module's docstring); returns the manifest. `shard_bytes`: MDS
     shard size (streaming's default); a shard being written is held in memory. `overwrite`: replace an output
     prepared from other inputs or settings, or a damaged one. `out` may be an object-store URI
-    (`s3://bucket/prefix`): see `prepare_remote`.
+    (`s3://bucket/prefix`): see `prepare_remote`. `workers`: processes that read and tokenize (default: the
+    machine's cores, one per 16 MiB of input, at most one per part of a file); the output is the same for any
+    number. `text_field`: the documents' field (JSON lines) or column (Parquet, Arrow).
 
     Example:
-        >>> manifest = prepare('redpajama_sample', 'models/SmolLM2-135M', 'data/rp', max_seq_len=2048)
+        >>> manifest = prepare('redpajama_sample', 'models/SmolLM2-135M', 'data/rp', max_seq_len=2048, workers=8)
     """
     if is_remote(out):
         return prepare_remote(inputs, tokenizer_dir, str(out), max_seq_len, eval_fraction, seed, progress,
-                              shard_bytes, overwrite)
+                              shard_bytes, overwrite, workers, text_field)
     out = Path(out)
-    check_settings(out, max_seq_len, eval_fraction)
+    check_settings(out, max_seq_len, eval_fraction, workers, text_field)
     domains = find_domains(inputs)
     check_length(tokenizer_dir, max_seq_len)
-    with locked(out):
+    with locked(out), worker_pool(workers_for(plan(domains), workers), tokenizer_dir) as pool:
         remove_stale_builds(out)
-        described = describe_inputs(domains, tokenizer_dir, max_seq_len, eval_fraction, seed)
+        described = describe_inputs(domains, tokenizer_dir, max_seq_len, eval_fraction, seed, text_field, pool)
         key = fingerprint(described)
         old = read_manifest(out) if out.is_dir() else None
         has_manifest = (out / MANIFEST).is_file()
@@ -405,7 +400,8 @@ def prepare(inputs: str | os.PathLike | Iterable[str | os.PathLike], tokenizer_d
             return previous
         with atomic_dir(out, overwrite=True, marker=MANIFEST, mode=0o755) as tmp:
             (tmp / BUILDING).touch()
-            manifest = build(domains, tokenizer_dir, tmp, max_seq_len, eval_fraction, seed, progress, shard_bytes)
+            manifest = build(domains, tokenizer_dir, tmp, max_seq_len, eval_fraction, seed, progress, shard_bytes,
+                             text_field, pool)
             manifest.update(fingerprint=key, inputs=described)
             (tmp / BUILDING).unlink()
             write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + '\n')
@@ -437,7 +433,8 @@ def reusable(out: str, old: dict | None, has_manifest: bool, nonempty: bool, des
 
 def prepare_remote(inputs: str | os.PathLike | Iterable[str | os.PathLike], tokenizer_dir: str | os.PathLike,
                    out: str, max_seq_len: int, eval_fraction: float = 0.1, seed: int = 17, progress: bool = True,
-                   shard_bytes: int = 1 << 26, overwrite: bool = False) -> dict:
+                   shard_bytes: int = 1 << 26, overwrite: bool = False, workers: int | None = None,
+                   text_field: str = 'text') -> dict:
     """`prepare` to an object store. An object store has no rename, so the output is built in a local temporary
     folder, uploaded under a new build prefix (`OUT/build-<time>-<id>/{train,eval}/<domain>/`) and published by
     writing `OUT/manifest.json` last, naming that prefix in its `data` field (one object written whole: readers
@@ -448,10 +445,18 @@ def prepare_remote(inputs: str | os.PathLike | Iterable[str | os.PathLike], toke
     Example:
         >>> manifest = prepare('redpajama_sample', 'models/SmolLM2-135M', 's3://bucket/rp', max_seq_len=2048)
     """
-    check_settings(None, max_seq_len, eval_fraction)
+    check_settings(None, max_seq_len, eval_fraction, workers, text_field)
     domains = find_domains(inputs)
     check_length(tokenizer_dir, max_seq_len)
-    described = describe_inputs(domains, tokenizer_dir, max_seq_len, eval_fraction, seed)
+    with worker_pool(workers_for(plan(domains), workers), tokenizer_dir) as pool:
+        return _prepare_remote(domains, tokenizer_dir, out, max_seq_len, eval_fraction, seed, progress, shard_bytes,
+                               overwrite, text_field, pool)
+
+
+def _prepare_remote(domains: dict[str, Path], tokenizer_dir: str | os.PathLike, out: str, max_seq_len: int,
+                    eval_fraction: float, seed: int, progress: bool, shard_bytes: int, overwrite: bool,
+                    text_field: str, pool: Any) -> dict:
+    described = describe_inputs(domains, tokenizer_dir, max_seq_len, eval_fraction, seed, text_field, pool)
     raw = read_json(join(out, MANIFEST))
     old = raw if isinstance(raw, dict) and raw.get('format') == FORMAT else None
     keys = list_keys(out) if raw is None else []
@@ -464,7 +469,8 @@ def prepare_remote(inputs: str | os.PathLike | Iterable[str | os.PathLike], toke
     data = f'build-{time.strftime("%Y%m%d-%H%M%S", time.gmtime())}-{uuid.uuid4().hex[:8]}'
     with tempfile.TemporaryDirectory(prefix='composer_shear_prepare_') as tmp:
         folder = Path(tmp, 'data')
-        manifest = build(domains, tokenizer_dir, folder, max_seq_len, eval_fraction, seed, progress, shard_bytes)
+        manifest = build(domains, tokenizer_dir, folder, max_seq_len, eval_fraction, seed, progress, shard_bytes,
+                         text_field, pool)
         manifest.update(fingerprint=fingerprint(described), inputs=described, data=data)
         upload_tree(folder, join(out, data), progress)
         Path(tmp, MANIFEST).write_text(json.dumps(manifest, indent=2) + '\n')
@@ -472,37 +478,163 @@ def prepare_remote(inputs: str | os.PathLike | Iterable[str | os.PathLike], toke
     return manifest
 
 
-def build(domains: dict[str, Path], tokenizer_dir: str | os.PathLike, out: Path, max_seq_len: int,
-          eval_fraction: float, seed: int, progress: bool, shard_bytes: int) -> dict:
-    """Write every domain's train and eval MDS folders under `out` (a fresh folder); returns the manifest."""
-    from tqdm import tqdm
-    from transformers import AutoTokenizer
+def plan(domains: dict[str, Path]) -> list[tuple[sources.Part, str]]:
+    """What the workers read, in order: (part, its domain) for every part of every domain's files
+    (`composer_shear.data.sources.parts`)."""
+    return [(part, name) for name, folder in domains.items() for f in domain_files(folder)
+            for part in sources.parts(f)]
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tok.model_max_length = 1 << 60  # documents are packed here: their length is not the model's input length
-    dtype = 'uint16' if len(tok) <= 1 << 16 else 'uint32'
+
+def workers_for(work: Sequence[tuple[sources.Part, str]], workers: int | None) -> int:
+    """`workers`, or by default the machine's cores, one per 16 MiB of input; never more than the parts."""
+    if workers is None:
+        workers = min(os.cpu_count() or 1, -(-sum(p.size for p, _ in work) // WORKER_BYTES))
+    return max(1, min(workers, len(work)))
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int, tokenizer_dir: str | os.PathLike) -> Iterator[Any]:
+    """A pool of `workers` processes with the tokenizer loaded, or None (work in this process) for one."""
+    if workers <= 1:
+        yield None
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    # the platform's default start (fork on Linux: the workers start without importing again). Set, the variable
+    # keeps tokenizers from warning at the fork that it turns its parallelism off (each worker turns it off itself)
+    unset = 'TOKENIZERS_PARALLELISM' not in os.environ
+    os.environ.setdefault('TOKENIZERS_PARALLELISM', 'true')
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(), initializer=_start_worker,
+                               initargs=(str(tokenizer_dir),))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if unset:
+            os.environ.pop('TOKENIZERS_PARALLELISM', None)
+
+
+def ordered(pool: Any, fn: Callable, calls: Sequence[tuple], window: int = 0) -> Iterator[Any]:
+    """fn(*args) for each args of `calls`, in order: in `pool`'s workers, at most `window` (default: 2 per worker)
+    submitted ahead of the result being used, so results wait in memory only that far; in this process without
+    a pool. A worker's error is raised here."""
+    if pool is None:
+        yield from (fn(*args) for args in calls)
+        return
+    window = window or 2 * pool._max_workers
+    pending, rest = deque(), iter(calls)
+    for args in rest:
+        pending.append(pool.submit(fn, *args))
+        if len(pending) >= window:
+            break
+    while pending:
+        result = pending.popleft().result()
+        args = next(rest, None)
+        if args is not None:
+            pending.append(pool.submit(fn, *args))
+        yield result
+
+
+_TOKENIZER: dict[str, Any] = {}
+
+
+def _start_worker(tokenizer_dir: str) -> None:
+    os.environ['TOKENIZERS_PARALLELISM'] = 'false'  # one core per worker
+    _tokenizer(tokenizer_dir)
+
+
+def _tokenizer(tokenizer_dir: str) -> Any:
+    if tokenizer_dir not in _TOKENIZER:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tok.model_max_length = 1 << 60  # documents are packed here: their length is not the model's input length
+        _TOKENIZER[tokenizer_dir] = tok
+    return _TOKENIZER[tokenizer_dir]
+
+
+def _tokenize(part: sources.Part, field: str, tokenizer_dir: str, folder: str) -> tuple[str, np.ndarray]:
+    """Every document of `part` tokenized and wrapped in BOS/EOS, written to a file in `folder` as uint32 (memory:
+    one batch of documents); returns the file and each document's length."""
+    tok = _tokenizer(tokenizer_dir)
     prefix = [tok.bos_token_id] if tok.bos_token_id is not None else []
     suffix = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    lengths: list[int] = []
+    path = Path(folder, f'{uuid.uuid4().hex}.u32')
+    with open(path, 'wb') as f:
+        for batch in batches(text for _, text in sources.read(part, field)):
+            for ids in tok(batch, add_special_tokens=False)['input_ids']:
+                doc = np.asarray(prefix + ids + suffix, dtype=np.uint32)
+                f.write(doc.tobytes())
+                lengths.append(len(doc))
+    return str(path), np.asarray(lengths, dtype=np.int64)
+
+
+def documents(path: str, lengths: np.ndarray, budget: int = 1 << 20) -> Iterator[list[np.ndarray]]:
+    """The documents `_tokenize` wrote, about `budget` tokens at a time (read from the file as they are used), then
+    the file removed."""
+    ends = np.cumsum(lengths)
+    try:
+        with open(path, 'rb') as f:
+            start = 0
+            while start < len(lengths):
+                base = int(ends[start - 1]) if start else 0
+                stop = max(start + 1, int(np.searchsorted(ends, base + budget, side='right')))
+                chunk = lengths[start:stop]
+                tokens = np.fromfile(f, dtype=np.uint32, count=int(chunk.sum()))
+                yield np.split(tokens, np.cumsum(chunk)[:-1])
+                start = stop
+    finally:
+        os.remove(path)
+
+
+def build(domains: dict[str, Path], tokenizer_dir: str | os.PathLike, out: Path, max_seq_len: int,
+          eval_fraction: float, seed: int, progress: bool, shard_bytes: int, text_field: str = 'text',
+          pool: Any = None) -> dict:
+    """Write every domain's train and eval MDS folders under `out` (a fresh folder); returns the manifest. The parts
+    of the input files are counted and tokenized in `pool`'s workers (or here), and packed here in order."""
+    from tqdm import tqdm
+
+    tok = _tokenizer(str(tokenizer_dir))
+    dtype = 'uint16' if len(tok) <= 1 << 16 else 'uint32'
     manifest = {'format': FORMAT, 'tokenizer': str(tokenizer_dir), 'max_seq_len': max_seq_len,
                 'dtype': dtype, 'eval_fraction': eval_fraction, 'seed': seed, 'domains': {}}
-    for name, folder in tqdm(domains.items(), desc='domains', disable=not progress):
-        files = domain_files(folder)
-        n_docs = sum(1 for f in files for _ in read_texts(f))  # a first pass validates and counts
-        held_out = eval_documents(n_docs, eval_fraction, seed, name)
-        packers = {split: Packer(out / split / name, max_seq_len, dtype, shard_bytes) for split in ('train', 'eval')}
-        texts = (t for f in files for t in read_texts(f))
-        index = 0
-        with tqdm(total=n_docs, desc=f'tokenize {name}', unit='doc', leave=False, disable=not progress) as bar:
-            for batch in batches(texts):
-                ids = tok(batch, add_special_tokens=False)['input_ids']
-                split_of = ['eval' if index + i in held_out else 'train' for i in range(len(batch))]
-                for split, packer in packers.items():
-                    packer.add([prefix + x + suffix for x, s in zip(ids, split_of, strict=True) if s == split])
-                index += len(batch)
-                bar.update(len(batch))
-        manifest['domains'][name] = {split: packer.close() for split, packer in packers.items()}
-        for split in ('train', 'eval'):
-            if manifest['domains'][name][split]['sequences'] == 0:
-                raise ValueError(f'prepare-data: domain {name!r} has too little text for one {split} sequence '
-                                 f'of {max_seq_len} tokens')
+    calls = plan(domains)
+    total = sum(part.size for part, _ in calls)
+    with tqdm(total=2 * total, desc='prepare-data (check, then tokenize)', unit='B', unit_scale=True,
+              disable=not progress) as bar:
+        held_out, n_docs = {}, dict.fromkeys(domains, 0)
+        counts = ordered(pool, sources.count, [(p, text_field) for p, _ in calls])
+        for (part, name), n in zip(calls, counts, strict=True):
+            n_docs[name] += n
+            bar.update(part.size)
+        for name in domains:
+            held_out[name] = eval_documents(n_docs[name], eval_fraction, seed, name)
+        packers: dict[str, Packer] = {}
+        current, index = None, 0
+        scratch = out / '.tokens'  # the workers' tokens, until packed (inside the output being built)
+        scratch.mkdir(parents=True)
+        tokenized = ordered(pool, _tokenize, [(p, text_field, str(tokenizer_dir), str(scratch)) for p, _ in calls])
+        for (part, name), (path, lengths) in zip(calls, tokenized, strict=True):
+            if name != current:  # the first part of the next domain: close the one before
+                if current is not None:
+                    finish(manifest, current, packers, max_seq_len)
+                packers = {split: Packer(out / split / name, max_seq_len, dtype, shard_bytes)
+                           for split in ('train', 'eval')}
+                current, index = name, 0
+            for docs in documents(path, lengths):
+                packers['eval'].add([d for k, d in enumerate(docs, index) if k in held_out[name]])
+                packers['train'].add([d for k, d in enumerate(docs, index) if k not in held_out[name]])
+                index += len(docs)
+            bar.update(part.size)
+        finish(manifest, current, packers, max_seq_len)
+        scratch.rmdir()
     return manifest
+
+
+def finish(manifest: dict, name: str, packers: dict[str, Packer], max_seq_len: int) -> None:
+    """Close domain `name`'s packers and record them in `manifest`."""
+    manifest['domains'][name] = {split: packer.close() for split, packer in packers.items()}
+    for split in ('train', 'eval'):
+        if manifest['domains'][name][split]['sequences'] == 0:
+            raise ValueError(f'prepare-data: domain {name!r} has too little text for one {split} sequence '
+                             f'of {max_seq_len} tokens')
