@@ -73,7 +73,7 @@ def count(part: Part, field: str = 'text') -> int:
         stop = f.metadata.num_row_groups if part.stop < 0 else part.stop
         return sum(f.metadata.row_group(g).num_rows for g in range(part.start, stop))
     if name.endswith(ARROW):
-        return sum(len(text) for _, text in _arrow_columns(part, field))
+        return sum(len(column) for column in _arrow_columns(part, field))
     return sum(1 for _ in _jsonl_lines(part, field, parse=False))
 
 
@@ -157,14 +157,14 @@ def _parquet_rows(part: Part, field: str) -> Iterator[tuple[int, str]]:
 
 def _arrow_rows(part: Part, field: str) -> Iterator[tuple[int, str]]:
     row = 0
-    for _, column in _arrow_columns(part, field):
+    for column in _arrow_columns(part, field):
         texts = column.to_pylist()
         yield from _texts(part.path, texts, row, field)
         row += len(texts)
 
 
-def _arrow_columns(part: Part, field: str) -> Iterator[tuple[int, Any]]:
-    """(batch number, the `field` column) of every record batch of an Arrow file (IPC stream, as `datasets`
+def _arrow_columns(part: Part, field: str) -> Iterator[Any]:
+    """The `field` column of every record batch of an Arrow file (IPC stream, as `datasets`
     writes it, or IPC file)."""
     import pyarrow as pa
     try:
@@ -179,8 +179,8 @@ def _arrow_columns(part: Part, field: str) -> Iterator[tuple[int, Any]]:
         if field not in reader.schema.names:
             raise ValueError(f'prepare-data: {part.path} has no column `{field}` (columns: '
                              f'{", ".join(reader.schema.names)})')
-        for i, batch in enumerate(batches):
-            yield i, batch.column(field)
+        for batch in batches:
+            yield batch.column(field)
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f'prepare-data: cannot read {part.path} as Arrow ({e})') from e
 
